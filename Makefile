@@ -1,0 +1,40 @@
+# trainorch-jupyter: `make demo` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# The CPU build of torch lies on disk on these machines; pip takes it through the pin in constraints.txt.
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+PIP_INSTALL := $(PIP) install --disable-pip-version-check -q -c constraints.txt $(FIND_LINKS)
+
+.PHONY: venv install demo test test-fast bench lab lint clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --disable-pip-version-check --upgrade pip
+	$(PIP_INSTALL) -e '.[dev]'
+	touch $@
+
+venv install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(PY) -m trainorch_jupyter.demo
+
+test: $(VENV)/.installed
+	$(PY) -m ruff check trainorch_jupyter tests benchmarks
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -ra -m "not slow" $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed
+	$(PY) -m benchmarks.run
+
+lab: $(VENV)/.installed
+	$(VENV)/bin/jupyter lab notebooks/
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check trainorch_jupyter tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis test-artifacts
