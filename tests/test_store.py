@@ -1,0 +1,137 @@
+"""The SQLite job store: jobs, history, leases, logs by offset, metrics, artifacts, two processes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from trainorch_jupyter.model import ArtifactInfo, Job, JobNotFound, JobSpec, JobState, new_job_id
+from trainorch_jupyter.store import Store
+
+
+def _job(name: str = "demo") -> Job:
+    return Job(id=new_job_id(name), spec=JobSpec(name=name, command=("true",)))
+
+
+def test_create_get_save_history(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    assert (tmp_path / ".trainorch" / "jobs.db").exists()
+    assert store._query("PRAGMA journal_mode")[0][0] == "wal"
+    job = _job()
+    store.create(job, runner_token="tok")
+    assert store.get(job.id) == job
+    job.transition(JobState.PROVISIONING)
+    store.save(job)
+    job.transition(JobState.FAILED)
+    job.error = "boom"
+    store.save(job, note="boom")
+    assert [s for s, _, _ in store.state_history(job.id)] == ["PENDING", "PROVISIONING", "FAILED"]
+    assert store.get(job.id).error == "boom"
+    assert store.runner_token(job.id) == "tok"
+    # The token is kept apart from the record that widgets and exports see.
+    assert "tok" not in str(store.get(job.id).to_dict())
+    with pytest.raises(JobNotFound):
+        store.get("nope")
+
+
+def test_resolve_by_prefix_and_latest(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    with pytest.raises(JobNotFound, match="no jobs"):
+        store.resolve(None)
+    a = Job(id="alpha-20260101-000000-aaaaaa", spec=JobSpec(name="alpha", command=("true",)),
+            created_at=datetime(2026, 1, 1, tzinfo=UTC))
+    b = Job(id="alpine-20260102-000000-bbbbbb", spec=JobSpec(name="alpine", command=("true",)),
+            created_at=datetime(2026, 1, 2, tzinfo=UTC))
+    store.create(a)
+    store.create(b)
+    assert store.resolve(None) == b.id
+    assert store.resolve("alph") == a.id
+    assert store.resolve(b.id) == b.id
+    with pytest.raises(JobNotFound, match="several"):
+        store.resolve("al")
+    with pytest.raises(JobNotFound):
+        store.resolve("zzz")
+    with pytest.raises(JobNotFound):
+        store.resolve("%")  # LIKE wildcards are literal
+    assert [j.id for j in store.list_jobs()] == [b.id, a.id]
+    assert store.list_jobs(state="PENDING", provider="local")[0].id == b.id
+    assert store.list_jobs(state=JobState.RUNNING) == []
+
+
+def test_log_offsets_survive_a_crash_between_write_and_commit(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    job = _job()
+    store.create(job)
+    assert store.prepare_log(job.id) == 0
+    store.append_log(job.id, b"line 1\nline 2\n", 14)
+    # A crash after the file write but before the offset commit leaves extra bytes ...
+    with open(store.log_path(job.id), "ab") as fh:
+        fh.write(b"line 3\n")
+    # ... which the next follower cuts back, then reads again from the runner.
+    assert store.prepare_log(job.id) == 14
+    assert store.read_log(job.id) == "line 1\nline 2\n"
+    store.append_log(job.id, b"line 3\n", 21)
+    assert store.read_log(job.id, tail=2) == "line 2\nline 3\n"
+
+
+def test_metrics_and_artifacts(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    job = _job()
+    store.create(job)
+    store.append_metrics(job.id, [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}], 40)
+    store.append_metrics(job.id, [{"kind": "eval", "step": 2, "eval_loss": 1.7}], 80)
+    assert store.metrics_offset(job.id) == 80
+    assert [m.get("step") for m in store.metrics(job.id)] == [1, 2, 2]
+    now = datetime.now(UTC)
+    arts = [ArtifactInfo(f"{job.id}:a.bin", job.id, tmp_path / "a.bin", 3, "0" * 64, now, {"name": "a.bin"})]
+    store.save_artifacts(job.id, arts)
+    assert store.artifacts(job.id) == arts
+
+
+def test_leases(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    job = _job()
+    store.create(job)
+    host = os.uname().nodename
+    assert store.claim(job.id, f"{host}:{os.getpid()}:a")
+    assert not store.claim(job.id, f"{host}:{os.getpid()}:b")  # live owner holds it
+    store.release(job.id, f"{host}:{os.getpid()}:a")
+    assert store.claim(job.id, f"{host}:{os.getpid()}:b")
+    # An owner whose process is gone loses the job at once, even with time left on its lease.
+    proc = multiprocessing.get_context("spawn").Process(target=int)
+    proc.start()
+    proc.join()
+    dead = f"{host}:{proc.pid}:c"
+    store2 = Store(tmp_path)
+    job2 = _job("other")
+    store2.create(job2, owner=dead, lease_s=3600)
+    assert store.claim(job2.id, f"{host}:{os.getpid()}:d")
+
+
+def _writer(workspace: str, n: int, tag: str) -> None:
+    store = Store(workspace)
+    for i in range(n):
+        job = Job(id=f"{tag}-{i}", spec=JobSpec(name=tag, command=("true",)))
+        store.create(job)
+        store.append_metrics(job.id, [{"step": i}], i + 1)
+        job.transition(JobState.PROVISIONING)
+        store.save(job)
+
+
+def test_two_processes_on_one_workspace(tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(str(tmp_path), 60, f"p{k}")) for k in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    store = Store(tmp_path)
+    jobs = store.list_jobs()
+    assert len(jobs) == 120
+    assert all(j.state is JobState.PROVISIONING for j in jobs)
+    assert store._query("PRAGMA integrity_check")[0][0] == "ok"

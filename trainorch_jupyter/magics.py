@@ -1,0 +1,518 @@
+"""The ``%train`` magics: the notebook's face over the orchestrator.
+
+``%train SUBCOMMAND ...`` with subcommands submit, status, logs, cancel, list, download, panel,
+dashboard; ``%%train submit`` takes a YAML or TOML spec in the cell body. Bad input raises
+IPython's ``UsageError`` (printed as one line, no traceback) before anything is written or billed.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+
+from .model import (
+    Job,
+    JobSpec,
+    JobState,
+    Resources,
+    SpecError,
+    TrainerConfig,
+    TrainorchError,
+    parse_duration,
+)
+from .orchestrator import JobHandle, Orchestrator, get_orchestrator
+
+SUBCOMMANDS = ("submit", "status", "logs", "cancel", "list", "download", "panel", "dashboard")
+
+
+def _trainer_arguments(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The built-in LoRA trainer's options, shared by ``%train submit`` and ``%%train submit``."""
+    opts: list[tuple[tuple[str, ...], dict[str, Any]]] = [
+        (("--model",), {"help": "base model: a from_pretrained name or path, or 'tiny' (built offline)"}),
+        (("--data",), {"help": "training data: JSONL or CSV (prompt/response, text, or messages)"}),
+        (("--steps",), {"type": int, "help": "optimizer steps (or --epochs)"}),
+        (("--epochs",), {"type": float, "help": "epochs over the data (or --steps)"}),
+        (("--lr",), {"type": float, "help": "learning rate (default 2e-4)"}),
+        (("--lr-schedule",), {"choices": TrainerConfig.SCHEDULES, "help": "learning-rate schedule"}),
+        (("--warmup-steps",), {"type": int, "help": "linear warm-up steps"}),
+        (("--batch-size",), {"type": int, "help": "examples per step"}),
+        (("--grad-accum",), {"type": int, "help": "gradient accumulation steps"}),
+        (("--seq-len",), {"type": int, "help": "max tokens per example (longer ones are truncated)"}),
+        (("--lora-r",), {"type": int, "help": "LoRA rank"}),
+        (("--lora-alpha",), {"type": int, "help": "LoRA alpha"}),
+        (("--lora-dropout",), {"type": float, "help": "LoRA dropout"}),
+        (("--target-modules",), {"help": "comma-separated module names (default: per architecture)"}),
+        (("--eval-fraction",), {"type": float, "help": "share of the data held out for eval loss"}),
+        (("--seed",), {"type": int, "help": "random seed"}),
+        (("--log-every",), {"type": int, "help": "steps between metrics lines"}),
+        (("--gradient-checkpointing",), {"action": "store_true", "default": None, "help": "trade compute for memory"}),
+        (("--device",), {"choices": TrainerConfig.DEVICES, "help": "auto (CUDA, MPS, CPU), cpu, cuda, mps"}),
+    ]
+    for flags, kw in reversed(opts):
+        fn = argument(*flags, **kw)(fn)
+    return fn
+
+
+def _common_submit_arguments(fn: Callable[..., Any]) -> Callable[..., Any]:
+    opts: list[tuple[tuple[str, ...], dict[str, Any]]] = [
+        (("--provider", "-p"), {"default": None, "help": "where to run: local (default) or an installed provider"}),
+        (("--name", "-n"), {"default": None, "help": "job name: lowercase letters, digits, '-' (the id adds date and a suffix)"}),
+        (("--wait", "-w"), {"action": "store_true", "help": "block this cell until the job ends (Ctrl-C stops waiting, not the job)"}),
+        (("--max-runtime",), {"default": None, "help": "stop the job after this long: 3600, 45m, 2h (default 6h)"}),
+        (("--env", "-e"), {"action": "append", "default": [], "metavar": "K=V", "help": "environment variable for the job (repeatable)"}),
+        (("--input", "-i"), {"action": "append", "default": [], "metavar": "PATH", "help": "file uploaded to $TRAINORCH_INPUT_DIR (repeatable)"}),
+        (("--gpu",), {"default": None, "help": "GPU type for cloud providers, e.g. 'A100 80GB'"}),
+        (("--gpu-count",), {"type": int, "default": None, "help": "number of GPUs"}),
+        (("--max-price",), {"type": float, "default": None, "help": "max USD per hour for the machine"}),
+        (("--no-download",), {"action": "store_true", "help": "do not download the artifacts automatically"}),
+    ]
+    for flags, kw in reversed(opts):
+        fn = argument(*flags, **kw)(fn)
+    return fn
+
+
+# Parsers only: each function holds one subcommand's argparse parser (``fn.parser``).
+@magic_arguments()
+@_common_submit_arguments
+@_trainer_arguments
+def _submit_parser(line: str) -> None:
+    """%train submit [options] [-- COMMAND ...]
+
+    Start a job and return its handle at once. Without a command after ``--`` it runs the built-in
+    LoRA trainer (--model and --data are then required). The command finds its uploaded inputs in
+    $TRAINORCH_INPUT_DIR and writes what should come back into $TRAINORCH_OUTPUT_DIR.
+    """
+
+
+@magic_arguments()
+@argument("job", nargs="?", default=None, help="job id or unique prefix (default: the most recent job)")
+def _status_parser(line: str) -> None:
+    """%train status [JOB] -- the job's state, exit code, error and artifacts."""
+
+
+@magic_arguments()
+@argument("job", nargs="?", default=None, help="job id or unique prefix (default: the most recent job)")
+@argument("--tail", "-t", type=int, default=None, help="only the last N lines")
+@argument("--follow", "-f", action="store_true", help="keep printing new lines until the job ends (Ctrl-C stops following)")
+def _logs_parser(line: str) -> None:
+    """%train logs [JOB] [--tail N] [-f] -- print the job's log."""
+
+
+@magic_arguments()
+@argument("job", nargs="?", default=None, help="job id or unique prefix (default: the most recent job)")
+def _cancel_parser(line: str) -> None:
+    """%train cancel [JOB] -- stop the job (SIGTERM, then SIGKILL after a grace period) and its machine."""
+
+
+@magic_arguments()
+@argument("--state", "-s", default=None, help="only jobs in this state (e.g. RUNNING, COMPLETED)")
+@argument("--provider", "-p", default=None, help="only jobs of this provider")
+def _list_parser(line: str) -> None:
+    """%train list [--state S] [--provider P] -- every job of the workspace, newest first (live in a notebook)."""
+
+
+@magic_arguments()
+@argument("job", nargs="?", default=None, help="job id or unique prefix (default: the most recent job)")
+@argument("--to", default=None, help="folder to put the verified files in (default: artifacts/<job_id>/)")
+def _download_parser(line: str) -> None:
+    """%train download [JOB] [--to DIR] -- fetch the job's files, each verified by SHA-256."""
+
+
+@magic_arguments()
+@argument("job", nargs="?", default=None, help="job id or unique prefix (default: the most recent job)")
+@argument("--log-lines", type=int, default=200, help="log lines shown in the panel")
+def _panel_parser(line: str) -> None:
+    """%train panel [JOB] -- the job's live panel (rebuilt from the store after a restart)."""
+
+
+@magic_arguments()
+@argument("--state", "-s", default=None, help="only jobs in this state")
+@argument("--provider", "-p", default=None, help="only jobs of this provider")
+def _dashboard_parser(line: str) -> None:
+    """%train dashboard -- a live table of the workspace's jobs."""
+
+
+_PARSERS: dict[str, Callable[..., Any]] = {
+    "submit": _submit_parser,
+    "status": _status_parser,
+    "logs": _logs_parser,
+    "cancel": _cancel_parser,
+    "list": _list_parser,
+    "download": _download_parser,
+    "panel": _panel_parser,
+    "dashboard": _dashboard_parser,
+}
+for _name, _fn in _PARSERS.items():
+    _fn.parser.prog = f"%train {_name}"  # type: ignore[attr-defined]
+
+
+def _overview() -> str:
+    parts = [
+        "Train LoRA adapters and run jobs from the notebook.\n",
+        "Usage: %train SUBCOMMAND [options]    (%train SUBCOMMAND -h for one subcommand)\n",
+    ]
+    for fn in _PARSERS.values():
+        parts.append(fn.parser.format_help())  # type: ignore[attr-defined]
+    parts.append("%%train submit [options]\n  The cell body is the job spec as YAML or TOML (keys: name, provider, "
+                 "command, train, inputs, resources, env, max_runtime, auto_download).\n")
+    return "\n".join(parts)
+
+
+def _parse(sub: str, argstring: str) -> Any:
+    fn = _PARSERS[sub]
+    try:
+        return parse_argstring(fn, argstring)
+    except SystemExit:  # -h / --help printed the help
+        return None
+    except ValueError as exc:  # unbalanced quotes in shlex
+        raise UsageError(f"%train {sub}: {exc}") from None
+
+
+def _safe_name(text: str) -> str:
+    out = "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
+    while "--" in out:
+        out = out.replace("--", "-")
+    return (out or "job")[:24].strip("-") or "job"
+
+
+def spec_from_args(args: Any, command: list[str] | None, base: dict[str, Any] | None = None) -> JobSpec:
+    """A JobSpec from parsed ``%train submit`` options (over an optional cell-body spec)."""
+    data: dict[str, Any] = dict(base or {})
+    train: dict[str, Any] = dict(data.get("train") or {})
+    for key in ("model", "data", "steps", "epochs", "lr", "lr_schedule", "warmup_steps", "batch_size", "grad_accum",
+                "seq_len", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "eval_fraction", "seed",
+                "log_every", "gradient_checkpointing", "device"):
+        value = getattr(args, key, None)
+        if value is not None:
+            train[key] = value
+    if command:
+        data["command"] = command
+    if train:
+        if data.get("command"):
+            raise SpecError("command", "give either a command after -- or trainer options (--model/--data), not both")
+        data["train"] = train
+    if args.provider:
+        data["provider"] = args.provider
+    if args.name:
+        data["name"] = args.name
+    if "name" not in data:
+        if data.get("train"):
+            model = str(data["train"].get("model", "model"))
+            data["name"] = _safe_name("lora-" + Path(model.rstrip("/")).name)
+        elif data.get("command"):
+            cmd = data["command"]
+            first = shlex.split(cmd)[0] if isinstance(cmd, str) else str(cmd[0])
+            data["name"] = _safe_name(Path(first).name)
+        else:
+            data["name"] = "job"
+    env = dict(data.get("env") or {})
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SpecError("env", f"expected K=V, got {item!r}")
+        env[key] = value
+    if env:
+        data["env"] = env
+    if args.input:
+        data["inputs"] = [*list(data.get("inputs") or []), *args.input]
+    if args.max_runtime is not None:
+        data["max_runtime"] = parse_duration(args.max_runtime, "max_runtime")
+    resources = dict(data.get("resources") or {})
+    if args.gpu is not None:
+        resources["gpu"] = args.gpu
+    if args.gpu_count is not None:
+        resources["gpu_count"] = args.gpu_count
+    if args.max_price is not None:
+        resources["max_price_per_hour"] = args.max_price
+    if resources:
+        data["resources"] = Resources.from_dict(resources).to_dict()
+    if args.no_download:
+        data["auto_download"] = False
+    if not data.get("command") and not data.get("train"):
+        raise SpecError("command", "nothing to run: give --model and --data for the LoRA trainer, or a command after --")
+    return JobSpec.from_dict(data)
+
+
+def parse_spec_text(text: str) -> dict[str, Any]:
+    """A job spec mapping from YAML or TOML text."""
+    yaml_error = toml_error = None
+    try:
+        data = yaml.safe_load(text)
+        if isinstance(data, dict):
+            return data
+        if data is None:
+            return {}
+    except yaml.YAMLError as exc:
+        yaml_error = exc
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        toml_error = exc
+    raise SpecError("cell", f"the spec is neither a YAML mapping nor TOML (YAML: {yaml_error or 'not a mapping'}; TOML: {toml_error})")
+
+
+def _format_job(job: Job) -> str:
+    lines = [f"job       {job.id}", f"provider  {job.provider}", f"state     {job.state.value}"]
+    if job.elapsed_s is not None:
+        lines.append(f"elapsed   {job.elapsed_s:.1f}s")
+    if job.exit_code is not None:
+        lines.append(f"exit code {job.exit_code}")
+    if job.error:
+        lines.append("error     " + job.error.replace("\n", "\n          "))
+    if job.diagnosis:
+        lines.append(f"diagnosis {job.diagnosis.get('summary', '')}")
+        for s in job.diagnosis.get("suggestions", []):
+            lines.append(f"          - {s}")
+    for a in job.artifacts:
+        lines.append(f"artifact  {a.name}  {a.size_bytes} B  sha256 {a.hash_sha256}  -> {a.path}")
+    return "\n".join(lines)
+
+
+def _format_table(jobs: list[Job]) -> str:
+    if not jobs:
+        return "no jobs in this workspace yet"
+    rows = [("JOB", "PROVIDER", "STATE", "CREATED", "EXIT")]
+    for j in jobs:
+        rows.append((j.id, j.provider, j.state.value, j.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+                     "" if j.exit_code is None else str(j.exit_code)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def _has_widget_frontend(shell: Any) -> bool:
+    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
+
+
+def _widgets() -> Any | None:
+    try:
+        from . import widgets
+    except ImportError:
+        return None
+    return widgets
+
+
+@magics_class
+class TrainMagics(Magics):
+    def __init__(self, shell: Any = None) -> None:
+        super().__init__(shell)
+
+    @property
+    def orch(self) -> Orchestrator:
+        return get_orchestrator()
+
+    # The docstring of the one line magic is what `%train?` shows: give it every subcommand's help.
+    @line_magic
+    def train(self, line: str) -> Any:
+        try:
+            return self._dispatch(line, None)
+        except (SpecError, TrainorchError) as exc:
+            raise UsageError(str(exc)) from None
+
+    train.__doc__ = _overview()
+
+    @cell_magic("train")
+    def train_cell(self, line: str, cell: str) -> Any:
+        try:
+            return self._dispatch(line, cell)
+        except (SpecError, TrainorchError) as exc:
+            raise UsageError(str(exc)) from None
+
+    train_cell.__doc__ = _overview()
+
+    def _dispatch(self, line: str, cell: str | None) -> Any:
+        head, _, rest = line.strip().partition(" ")
+        sub = head.strip()
+        if not sub or sub in ("-h", "--help", "help"):
+            print(_overview())
+            return None
+        if sub not in SUBCOMMANDS:
+            raise UsageError(f"%train: unknown subcommand {sub!r}; choose one of: {', '.join(SUBCOMMANDS)}")
+        if cell is not None and sub != "submit":
+            raise UsageError("%%train: only 'submit' takes a cell body (the job spec as YAML or TOML)")
+        return getattr(self, f"_do_{sub}")(rest, cell)
+
+    # -- subcommands ----------------------------------------------------------------------
+
+    def _do_submit(self, rest: str, cell: str | None) -> Any:
+        command: list[str] | None = None
+        opts = rest
+        tokens = rest.split()
+        if "--" in tokens:
+            # Split on the first standalone "--": options before, the command after.
+            idx = f" {rest} ".find(" -- ")
+            opts = rest[: max(0, idx)]
+            try:
+                command = shlex.split(rest[idx + 3:].strip())
+            except ValueError as exc:
+                raise UsageError(f"%train submit: the command after -- is not valid shell words: {exc}") from None
+            if not command:
+                raise UsageError("%train submit: nothing after --; give the command to run")
+        args = _parse("submit", opts)
+        if args is None:
+            return None
+        base = parse_spec_text(cell) if cell is not None else None
+        spec = spec_from_args(args, command, base)
+        handle = self.orch.submit(spec)
+        if args.wait:
+            self._wait(handle)
+        return handle
+
+    def _wait(self, handle: JobHandle) -> None:
+        try:
+            handle.wait()
+        except KeyboardInterrupt:
+            print(f"stopped waiting; job {handle.id} goes on (cancel it with %train cancel {handle.id})", file=sys.stderr)
+
+    def _do_status(self, rest: str, cell: str | None) -> Any:
+        args = _parse("status", rest)
+        if args is None:
+            return None
+        handle = self.orch.job(args.job)
+        print(_format_job(handle.record))
+        return None
+
+    def _do_logs(self, rest: str, cell: str | None) -> None:
+        args = _parse("logs", rest)
+        if args is None:
+            return
+        if args.tail is not None and args.tail < 0:
+            raise UsageError("%train logs: --tail must be 0 or more lines")
+        handle = self.orch.job(args.job)
+        if not args.follow:
+            sys.stdout.write(handle.logs(tail=args.tail))
+            sys.stdout.flush()
+            return
+        self._follow(handle, args.tail)
+
+    def _follow(self, handle: JobHandle, tail: int | None) -> None:
+        """Print the log as it grows until the job ends; Ctrl-C stops following, not the job."""
+        path = handle.log_path
+        text = handle.logs(tail=tail)
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        pos = path.stat().st_size if path.exists() else 0
+        try:
+            while True:
+                done = handle.status.is_terminal
+                if path.exists():
+                    with open(path, "rb") as fh:
+                        fh.seek(pos)
+                        data = fh.read()
+                    if data:
+                        cut = data.rfind(b"\n") + 1 if not done else len(data)
+                        if cut:
+                            sys.stdout.write(data[:cut].decode("utf-8", errors="replace"))
+                            sys.stdout.flush()
+                            pos += cut
+                if done:
+                    break
+                time.sleep(0.25)
+        except KeyboardInterrupt:
+            print(f"\n(stopped following; job {handle.id} goes on)", file=sys.stderr)
+            return
+        print(f"-- job {handle.id} {handle.status.value}", file=sys.stderr)
+
+    def _do_cancel(self, rest: str, cell: str | None) -> None:
+        args = _parse("cancel", rest)
+        if args is None:
+            return
+        handle = self.orch.job(args.job)
+        if handle.status.is_terminal:
+            print(f"job {handle.id} is already {handle.status.value}")
+            return
+        handle.cancel()
+        print(f"cancelling job {handle.id}")
+
+    def _do_list(self, rest: str, cell: str | None) -> Any:
+        args = _parse("list", rest)
+        if args is None:
+            return None
+        state = _check_state(args.state)
+        jobs = self.orch.jobs(state=state, provider=args.provider)
+        widgets = _widgets()
+        if widgets is not None and _has_widget_frontend(self.shell):
+            widgets.display_dashboard(self.orch, state=state, provider=args.provider)
+            return None
+        print(_format_table(jobs))
+        return None
+
+    def _do_dashboard(self, rest: str, cell: str | None) -> Any:
+        args = _parse("dashboard", rest)
+        if args is None:
+            return None
+        state = _check_state(args.state)
+        widgets = _widgets()
+        if widgets is None or not _has_widget_frontend(self.shell):
+            print(_format_table(self.orch.jobs(state=state, provider=args.provider)))
+            return None
+        widgets.display_dashboard(self.orch, state=state, provider=args.provider)
+        return None
+
+    def _do_download(self, rest: str, cell: str | None) -> Any:
+        args = _parse("download", rest)
+        if args is None:
+            return None
+        handle = self.orch.job(args.job)
+        infos = handle.download(args.to).result()
+        for a in infos:
+            print(f"{a.name}  {a.size_bytes} B  sha256 {a.hash_sha256}  verified  -> {a.path}")
+        return infos
+
+    def _do_panel(self, rest: str, cell: str | None) -> Any:
+        args = _parse("panel", rest)
+        if args is None:
+            return None
+        if args.log_lines < 1:
+            raise UsageError("%train panel: --log-lines must be at least 1")
+        handle = self.orch.job(args.job)
+        widgets = _widgets()
+        if widgets is None or not _has_widget_frontend(self.shell):
+            print(_format_job(handle.record))
+            return None
+        from IPython.display import display
+
+        display(widgets.JobPanel(self.orch, handle.id, log_lines=args.log_lines))
+        return None
+
+
+def _check_state(state: str | None) -> JobState | None:
+    if state is None:
+        return None
+    try:
+        return JobState(state.upper())
+    except ValueError:
+        raise UsageError(f"--state: unknown state {state!r}; choose one of: {', '.join(s.value for s in JobState)}") from None
+
+
+def _display_handle(handle: JobHandle) -> None:
+    widgets = _widgets()
+    if widgets is not None:
+        widgets.display_job(handle)
+    else:
+        from IPython.display import HTML, display
+
+        display(HTML(handle._repr_html_()))
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    ipython.register_magics(TrainMagics)
+    if _widgets() is not None and _has_widget_frontend(ipython):
+        formatter = ipython.display_formatter.ipython_display_formatter
+        formatter.for_type(JobHandle, _display_handle)
+    # Re-attach to the workspace's unfinished jobs now (a restarted kernel loses no job).
+    get_orchestrator()
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    formatter = ipython.display_formatter.ipython_display_formatter
+    formatter.type_printers.pop(JobHandle, None)

@@ -1,0 +1,140 @@
+"""Providers start a machine that runs the runner, say when it is reachable, and destroy it.
+
+Everything after that (inputs, logs, metrics, cancel, artifacts) speaks the one runner protocol.
+A provider is a class registered under the entry-point group ``trainorch_jupyter.providers``, so a
+third party can add one without touching this package.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib.metadata
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from ..model import Job, JobSpec, Resources, SpecError
+
+ENTRY_POINT_GROUP = "trainorch_jupyter.providers"
+
+
+@dataclass
+class Bootstrap:
+    """What a machine needs to start the runner for one job."""
+
+    job_id: str
+    token: str  # the runner's per-job bearer token (a secret: never logged or stored in a Job)
+    runner_source: str  # the runner's own source, to ship inline to a bare image
+    port: int = 8765
+    idle_timeout_s: float = 1800.0
+    packages: list[str] = field(default_factory=list)  # pip requirements the command needs
+
+    def __repr__(self) -> str:  # keep the token out of any repr
+        return f"Bootstrap(job_id={self.job_id!r}, port={self.port}, packages={self.packages!r})"
+
+
+@dataclass
+class MachineHandle:
+    """A provider's machine for one job. ``data`` must be JSON-serialisable and secret-free."""
+
+    provider: str
+    machine_id: str
+    runner_url: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+    price_per_hour: float | None = None
+    gpu: str | None = None
+
+
+class MachineStatus(enum.StrEnum):
+    PROVISIONING = "provisioning"
+    READY = "ready"  # the runner should answer at ``runner_url``
+    FAILED = "failed"  # the machine is in a bad state and must be terminated
+    GONE = "gone"  # the machine no longer exists
+
+
+@dataclass
+class PollResult:
+    status: MachineStatus
+    runner_url: str | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Offer:
+    provider: str
+    gpu: str
+    gpu_count: int
+    price_per_hour: float
+    region: str | None = None
+    available: bool = True
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+class Provider(ABC):
+    """One provider: launch, poll, terminate, offers. One instance per orchestrator."""
+
+    name: str = ""
+    #: Seconds a launch may take before the machine is terminated and the job fails.
+    provision_timeout_s: float = 20 * 60.0
+
+    def __init__(self, *, workspace: Path, http: httpx.AsyncClient, **config: Any) -> None:
+        self.workspace = workspace
+        self.http = http
+        self.config = config
+
+    def validate(self, spec: JobSpec) -> None:  # noqa: B027 - optional hook
+        """Provider-specific checks of a spec; raise SpecError. Called before anything is billed."""
+
+    @abstractmethod
+    async def launch(self, job: Job, bootstrap: Bootstrap) -> MachineHandle:
+        """Create the machine (tagged with the job id before creation) and return its handle."""
+
+    @abstractmethod
+    async def poll(self, handle: MachineHandle) -> PollResult:
+        """Where the machine stands now."""
+
+    @abstractmethod
+    async def terminate(self, handle: MachineHandle) -> None:
+        """Destroy the machine and return only once the provider confirms it is gone.
+        Idempotent: a machine that is already gone is a success."""
+
+    async def reconcile(self, job: Job) -> list[MachineHandle]:
+        """Machines tagged with ``job.id`` that exist (after a create error or a crash)."""
+        return []
+
+    async def offers(self, resources: Resources) -> list[Offer]:
+        return []
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+
+def available_providers() -> dict[str, type[Provider]]:
+    """Provider classes by name, from the entry-point group."""
+    out: dict[str, type[Provider]] = {}
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            cls = ep.load()
+        except Exception:  # a broken third-party plugin must not break the others
+            continue
+        if isinstance(cls, type) and issubclass(cls, Provider):
+            out[ep.name] = cls
+    if "local" not in out:  # running from a source tree without the package's metadata
+        from .local import LocalProvider
+
+        out["local"] = LocalProvider
+    return out
+
+
+def provider_names() -> set[str]:
+    return set(available_providers())
+
+
+def check_provider(name: str) -> type[Provider]:
+    providers = available_providers()
+    if name not in providers:
+        raise SpecError("provider", f"unknown provider {name!r}; available: {', '.join(sorted(providers))}")
+    return providers[name]
