@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, magic_arguments
 
 from .model import (
     Job,
@@ -154,6 +154,7 @@ _PARSERS: dict[str, Callable[..., Any]] = {
 }
 for _name, _fn in _PARSERS.items():
     _fn.parser.prog = f"%train {_name}"  # type: ignore[attr-defined]
+    _fn.parser.add_argument("-h", "--help", action="help", help="show this help")  # type: ignore[attr-defined]
 
 
 def _overview() -> str:
@@ -171,7 +172,8 @@ def _overview() -> str:
 def _parse(sub: str, argstring: str) -> Any:
     fn = _PARSERS[sub]
     try:
-        return parse_argstring(fn, argstring)
+        # Shell-style words (quotes removed), unlike IPython's default non-POSIX split.
+        return fn.parser.parse_args(shlex.split(argstring))  # type: ignore[attr-defined]
     except SystemExit:  # -h / --help printed the help
         return None
     except ValueError as exc:  # unbalanced quotes in shlex

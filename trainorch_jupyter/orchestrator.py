@@ -27,7 +27,6 @@ from typing import Any, TypeVar
 import httpx
 
 from . import artifacts as artifacts_mod
-from .diagnose import diagnose
 from .model import (
     ArtifactInfo,
     Job,
@@ -42,7 +41,7 @@ from .model import (
     utcnow,
 )
 from .providers import Bootstrap, MachineHandle, MachineStatus, Provider, available_providers
-from .runner_client import RunnerClient
+from .runner_client import RunnerClient, RunnerHTTPError
 from .store import Store, process_owner_id
 
 log = logging.getLogger("trainorch_jupyter")
@@ -51,6 +50,8 @@ T = TypeVar("T")
 LEASE_S = 30.0
 TERMINATE_RETRY_S = 30.0
 TERMINATE_GIVE_UP_S = 15 * 60.0
+#: How long the runner may stay unreachable (network blips, a proxy cutting requests) before a job fails.
+UNREACHABLE_TIMEOUT_S = 180.0
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,13 @@ class Event:
     kind: str  # "state" | "log" | "metric" | "artifacts"
     data: Any
     time: float = dataclasses.field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    state: JobState
+    error: str | None = None
+    timed_out: bool = False
 
 
 class JobCancelled(TrainorchError):
@@ -88,13 +96,16 @@ class Orchestrator:
     """Runs jobs of one workspace. Thread-safe; all job work happens on its own loop thread."""
 
     def __init__(self, workspace: Path | str | None = None, *, provider_config: Mapping[str, Mapping[str, Any]] | None = None,
-                 reattach: bool = True, webhook_url: str | None = None) -> None:
+                 reattach: bool = True, webhook_url: str | None = None,
+                 providers: Mapping[str, type[Provider]] | None = None) -> None:
         self.workspace = Path(workspace).resolve() if workspace is not None else default_workspace()
         self.store = Store(self.workspace)
         self.artifacts_dir = self.workspace / "artifacts"
         self.owner = process_owner_id()
         self.webhook_url = webhook_url
-        self._provider_classes = available_providers()
+        self.unreachable_timeout_s = UNREACHABLE_TIMEOUT_S
+        # Providers come from the entry-point group; ``providers`` adds or replaces some (tests, embedding).
+        self._provider_classes = {**available_providers(), **dict(providers or {})}
         self._provider_config = {k: dict(v) for k, v in (provider_config or {}).items()}
         self._providers: dict[str, Provider] = {}
         self._subscribers: list[tuple[str | None, Callable[[Event], None]]] = []
@@ -178,11 +189,11 @@ class Orchestrator:
 
         async def shutdown() -> None:
             self._lease_task.cancel()
-            tasks = list(self._tasks.values())
-            for t in tasks:
+            followed = dict(self._tasks)
+            for t in followed.values():
                 t.cancel()
-            await asyncio.gather(*tasks, self._lease_task, return_exceptions=True)
-            for job_id in list(self._tasks):
+            await asyncio.gather(*followed.values(), self._lease_task, return_exceptions=True)
+            for job_id in followed:
                 self.store.release(job_id, self.owner)
             for p in self._providers.values():
                 with contextlib.suppress(Exception):
@@ -384,10 +395,13 @@ class Orchestrator:
             raise JobCancelled(job.id)
 
     async def _drive(self, job_id: str, *, resume: bool) -> None:
+        """Provision, run, follow, download; then terminate the machine and only then end the job,
+        so a job seen as finished never has a machine left behind."""
         job = self._jobs.get(job_id) or await asyncio.to_thread(self.store.get, job_id)
         self._jobs[job_id] = job
         provider: Provider | None = None
         handle: MachineHandle | None = None
+        outcome: Outcome | None = None
         detached = False
         try:
             provider = self.provider(job.provider)
@@ -402,23 +416,27 @@ class Orchestrator:
                 await self._start_command(job, client)
             if job.state is JobState.RUNNING:
                 await self._follow(job, client)
-                await self._conclude(job, client)
+                outcome = await self._conclude(job, client)
             if job.state is JobState.DOWNLOADING:
-                await self._download_from(job, client, self.artifacts_dir / job.id)
-                await self._set_state(job, JobState.COMPLETED)
+                dest = self.artifacts_dir / job.id
+                await self._persist("downloading artifacts", lambda: self._download_from(job, client, dest))
+                outcome = Outcome(JobState.COMPLETED)
         except asyncio.CancelledError:
             # The orchestrator is closing: leave the machine to the next orchestrator (re-attach).
             detached = True
             raise
         except JobCancelled:
-            await self._finish(job, JobState.CANCELLED, error=None)
+            outcome = Outcome(JobState.CANCELLED)
         except Exception as exc:
             log.debug("job %s failed", job.id, exc_info=True)
-            await self._finish(job, JobState.FAILED, error=_describe(exc))
+            outcome = Outcome(JobState.FAILED, _describe(exc))
         finally:
-            if not detached and provider is not None and handle is not None:
-                await self._terminate(provider, handle, job)
             if not detached:
+                if provider is not None and handle is not None:
+                    await self._terminate(provider, handle, job)
+                if outcome is None:  # nothing concluded (should not happen): never leave a job live
+                    outcome = Outcome(JobState.FAILED, "the job ended without an outcome")
+                await self._finish(job, outcome.state, error=outcome.error, timed_out=outcome.timed_out)
                 self._jobs.pop(job.id, None)
                 await asyncio.to_thread(self.store.release, job.id, self.owner)
 
@@ -480,12 +498,22 @@ class Orchestrator:
         spec = job.spec
         for name, path in spec.all_inputs():
             self._check_cancel(job)
-            await client.upload_input(name, path)
+            await self._persist(f"uploading {name}", lambda n=name, p=path: client.upload_input(n, p))
         self._check_cancel(job)
-        status = await client.status()
-        if status.get("state") == "idle":
-            await client.start(build_command(spec, job.provider), env=dict(spec.env),
-                               max_runtime_s=spec.max_runtime, grace_s=10.0)
+
+        async def start_once() -> None:
+            # Safe to repeat: a start whose answer was lost shows as a runner that is no longer idle.
+            status = await client.status()
+            if status.get("state") != "idle":
+                return
+            try:
+                await client.start(build_command(spec, job.provider), env=dict(spec.env),
+                                   max_runtime_s=spec.max_runtime, grace_s=10.0)
+            except RunnerHTTPError as exc:
+                if exc.status != 409:
+                    raise
+
+        await self._persist("starting the command", start_once)
         await self._set_state(job, JobState.RUNNING)
 
     async def _resume_handle(self, job: Job, provider: Provider) -> MachineHandle | None:
@@ -501,6 +529,28 @@ class Orchestrator:
             return handle
         raise ProviderError(job.provider, f"the machine {job.machine_id} was lost while the orchestrator was away ({result.detail or result.status.value})")
 
+    async def _persist(self, what: str, fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        """Call ``fn`` until it succeeds, riding out a runner that is unreachable for a while.
+        A 4xx answer is final; transport errors and 5xx are retried up to UNREACHABLE_TIMEOUT_S."""
+        since: float | None = None
+        delay = 0.25
+        while True:
+            try:
+                return await fn()
+            except RunnerHTTPError as exc:
+                if exc.status < 500:
+                    raise
+                error: Exception = exc
+            except (RunnerError, httpx.TransportError) as exc:
+                error = exc
+            now = time.monotonic()
+            since = since or now
+            if now - since > self.unreachable_timeout_s:
+                raise RunnerError(f"{what}: the runner was unreachable for {now - since:.0f}s ({error})")
+            log.debug("%s: %s; retrying in %.2fs", what, error, delay)
+            await asyncio.sleep(delay)
+            delay = min(5.0, delay * 2)
+
     async def _follow(self, job: Job, client: RunnerClient) -> None:
         """Copy logs and metrics from the runner into the store until the command exited."""
         log_offset = await asyncio.to_thread(self.store.prepare_log, job.id)
@@ -509,7 +559,7 @@ class Orchestrator:
         async def follow_logs() -> None:
             offset = log_offset
             while True:
-                chunk = await client.read_logs(offset, wait=20.0)
+                chunk = await self._persist("reading logs", lambda o=offset: client.read_logs(o, wait=20.0))
                 if chunk.data or chunk.next_offset != offset:
                     await asyncio.to_thread(self.store.append_log, job.id, chunk.data, chunk.next_offset)
                     offset = chunk.next_offset
@@ -521,7 +571,7 @@ class Orchestrator:
         async def follow_metrics() -> None:
             offset = metrics_offset
             while True:
-                chunk = await client.read_metrics(offset, wait=20.0)
+                chunk = await self._persist("reading metrics", lambda o=offset: client.read_metrics(o, wait=20.0))
                 if chunk.metrics or chunk.next_offset != offset:
                     await asyncio.to_thread(self.store.append_metrics, job.id, chunk.metrics, chunk.next_offset)
                     offset = chunk.next_offset
@@ -532,38 +582,41 @@ class Orchestrator:
 
         await asyncio.gather(follow_logs(), follow_metrics())
 
-    async def _conclude(self, job: Job, client: RunnerClient) -> None:
-        status = await client.status()
+    async def _conclude(self, job: Job, client: RunnerClient) -> Outcome | None:
+        """The outcome of a command that exited, or None when its files are to be downloaded."""
+        status = await self._persist("reading the status", client.status)
         exit_code = status.get("exit_code")
         job.exit_code = exit_code if isinstance(exit_code, int) else None
         if status.get("cancelled") and not status.get("timed_out"):
-            await self._finish(job, JobState.CANCELLED, error=None)
-            return
+            return Outcome(JobState.CANCELLED)
         if status.get("timed_out"):
-            await self._finish(job, JobState.FAILED, error=f"stopped after the max runtime of {job.spec.max_runtime:.0f}s",
-                               timed_out=True)
-            return
+            return Outcome(JobState.FAILED, f"stopped after the max runtime of {job.spec.max_runtime:.0f}s",
+                           timed_out=True)
         if job.exit_code != 0:
-            last = self.store.read_log(job.id, tail=5).strip()
+            last = (await asyncio.to_thread(self.store.read_log, job.id, tail=5)).strip()
             msg = f"the command exited with code {job.exit_code}"
             if status.get("error"):
                 msg += f" ({status['error']})"
             if last:
                 msg += "; last lines:\n" + last
-            await self._finish(job, JobState.FAILED, error=msg)
-            return
+            return Outcome(JobState.FAILED, msg)
         if job.spec.auto_download:
             await self._set_state(job, JobState.DOWNLOADING)
-        else:
-            await self._set_state(job, JobState.COMPLETED)
+            return None
+        return Outcome(JobState.COMPLETED)
 
     async def _finish(self, job: Job, state: JobState, *, error: str | None, timed_out: bool = False) -> None:
         if job.state.is_terminal:
             return
         job.error = error
         if state is JobState.FAILED:
-            tail = await asyncio.to_thread(self.store.read_log, job.id, tail=80)
-            job.diagnosis = diagnose(exit_code=job.exit_code, log_tail=tail, error=error, timed_out=timed_out)
+            try:
+                from .diagnose import diagnose
+
+                tail = await asyncio.to_thread(self.store.read_log, job.id, tail=80)
+                job.diagnosis = diagnose(exit_code=job.exit_code, log_tail=tail, error=error, timed_out=timed_out)
+            except Exception:  # a diagnosis is a help; its failure must not keep the job live
+                log.exception("diagnosis of job %s failed", job.id)
         await self._set_state(job, state, note=error)
 
     async def _terminate(self, provider: Provider, handle: MachineHandle, job: Job) -> None:

@@ -1,0 +1,108 @@
+"""Shared test helpers: a TCP proxy that can cut connections, process checks, tiny commands."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from trainorch_jupyter.orchestrator import Orchestrator
+
+PY = sys.executable
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+class CuttingProxy:
+    """A loopback TCP proxy; ``cut()`` closes every open connection (a network blip)."""
+
+    def __init__(self) -> None:
+        self.target: tuple[str, int] | None = None
+        self._srv = socket.create_server(("127.0.0.1", 0))
+        self.port = self._srv.getsockname()[1]
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self.cuts = 0
+        self.accepted = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def proxied(self, url: str) -> str:
+        parts = urlsplit(url)
+        assert parts.hostname and parts.port
+        self.target = (parts.hostname, parts.port)
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._srv.accept()
+            except OSError:
+                return
+            assert self.target is not None
+            try:
+                upstream = socket.create_connection(self.target)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, upstream]
+                self.accepted += 1
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+
+    def cut(self) -> None:
+        with self._lock:
+            conns, self._conns = self._conns, []
+            self.cuts += 1
+        for s in conns:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self) -> None:
+        self._srv.close()
+        self.cut()
+
+
+@contextmanager
+def orchestrator(workspace: Path, **kwargs: object) -> Iterator[Orchestrator]:
+    orch = Orchestrator(workspace, **kwargs)  # type: ignore[arg-type]
+    try:
+        yield orch
+    finally:
+        orch.close()
+
+
+def py_command(code: str) -> list[str]:
+    return [PY, "-c", code]

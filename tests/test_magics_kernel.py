@@ -1,0 +1,115 @@
+"""The %train magics in a real kernel (nbclient), with real local jobs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+from .nbrun import errors_of, run_cells, text_of
+
+WRITE_FILE = (
+    "%train submit --name nbjob -- python -c "
+    "\"import os; open(os.environ['TRAINORCH_OUTPUT_DIR'] + '/a.txt', 'w').write('hi from the job'); print('hello from the job')\""
+)
+
+
+def test_submit_wait_list_download_in_a_kernel(tmp_path: Path) -> None:
+    cells = [
+        "%load_ext trainorch_jupyter",
+        "job = " + WRITE_FILE + "\nprint(type(job).__name__, job.id)",
+        "final = job.wait(120)\nprint('STATE', final.state.value)",
+        "%train list",
+        "%train status",
+        "%train logs --tail 5",
+        "infos = %train download\nimport hashlib\n"
+        "print('VERIFIED', all(hashlib.sha256(i.path.read_bytes()).hexdigest() == i.hash_sha256 for i in infos))",
+        "%train download --to elsewhere",
+        "from trainorch_jupyter import get_orchestrator\nprint('SAME', get_orchestrator().job(None).id == job.id)",
+    ]
+    out = run_cells(cells, tmp_path)
+    for cell in out:
+        assert not errors_of(cell), text_of(cell)
+    m = re.search(r"JobHandle (nbjob-\S+)", text_of(out[1]))
+    assert m, text_of(out[1])
+    job_id = m.group(1)
+    assert "STATE COMPLETED" in text_of(out[2])
+    assert job_id in text_of(out[3]) and "COMPLETED" in text_of(out[3])
+    assert "state     COMPLETED" in text_of(out[4])
+    assert "hello from the job" in text_of(out[5])
+    assert "VERIFIED True" in text_of(out[6])
+    assert "a.txt" in text_of(out[7]) and "verified" in text_of(out[7])
+    assert "SAME True" in text_of(out[8])
+    art = tmp_path / "artifacts" / job_id / "a.txt"
+    assert art.read_text() == "hi from the job"
+    meta = json.loads((tmp_path / "artifacts" / job_id / "trainorch-artifact.json").read_text())
+    assert meta["files"][0]["hash_sha256"] == hashlib.sha256(b"hi from the job").hexdigest()
+    assert (tmp_path / "elsewhere" / "a.txt").read_text() == "hi from the job"
+
+
+def test_bad_input_is_a_usage_error_without_traceback(tmp_path: Path) -> None:
+    (tmp_path / "train.jsonl").write_text('{"text": "x"}\n')
+    bad = [
+        ('%train submit --name "Bad Name" -- true', "name:"),
+        ("%train frobnicate", "unknown subcommand"),
+        ("%train logs nosuchjob", "no job matches"),
+        ("%train submit --model tiny --data train.jsonl --lr abc", "--lr"),
+        ("%train submit --model tiny --data missing.jsonl", "train.data: file not found"),
+        ("%train submit --model tiny --data train.jsonl --lora-r 0", "train.lora_r"),
+        ("%train submit --provider moon -- true", "unknown provider 'moon'"),
+        ("%train submit --env NOEQUALS -- true", "expected K=V"),
+        ("%train submit --max-runtime soon -- true", "max_runtime"),
+        ("%train submit --", "nothing after --"),
+        ("%%train submit\nname: x\ncommand: [true]\nbogus: 1", "spec.bogus: unknown field"),
+        ("%%train submit\nname = 'x'\ntrain = {model = 'tiny', data = 'train.jsonl', steps = 0}", "train.steps"),
+    ]
+    cells = ["%load_ext trainorch_jupyter", *[src for src, _ in bad], "%train list"]
+    out = run_cells(cells, tmp_path, allow_errors=True)
+    for (src, expected), cell in zip(bad, out[1:], strict=False):
+        # IPython shows a UsageError as one line on stderr: no error output, no traceback.
+        shown = text_of(cell)
+        assert not errors_of(cell), (src, shown)
+        assert shown.startswith("UsageError: "), (src, shown)
+        assert expected in shown, (src, shown)
+        assert len(shown.strip().splitlines()) == 1, (src, shown)
+        assert "Traceback" not in shown, (src, shown)
+    # Nothing was stored or started.
+    assert "no jobs" in text_of(out[-1])
+    assert not (tmp_path / ".trainorch" / "machines").exists()
+
+
+def test_help_texts(tmp_path: Path) -> None:
+    out = run_cells(["%load_ext trainorch_jupyter", "%train submit -h", "%train?", "%train"], tmp_path)
+    assert "--max-runtime" in text_of(out[1]) and "--lora-r" in text_of(out[1])
+    # %train? shows the docstring in the pager (a payload), %train alone prints the overview.
+    assert "%train logs" in text_of(out[3]) and "%%train submit" in text_of(out[3])
+
+
+def test_cell_magic_yaml_and_toml_specs(tmp_path: Path) -> None:
+    yaml_cell = (
+        "%%train submit --wait\n"
+        "name: from-yaml\n"
+        "command: [python, -c, \"print('yaml job ran')\"]\n"
+        "max_runtime: 10m\n"
+    )
+    toml_cell = (
+        "%%train submit --wait --name from-toml\n"
+        "command = ['python', '-c', \"print('toml job ran')\"]\n"
+        "env = { GREETING = 'hi' }\n"
+    )
+    cells = [
+        "%load_ext trainorch_jupyter",
+        yaml_cell,
+        toml_cell,
+        "from trainorch_jupyter import get_orchestrator\n"
+        "for j in get_orchestrator().jobs():\n    print(j.spec.name, j.state.value, j.spec.max_runtime, dict(j.spec.env))",
+        "print(get_orchestrator().logs(get_orchestrator().job('from-yaml').id))",
+    ]
+    res = run_cells(cells, tmp_path)
+    for cell in res:
+        assert not errors_of(cell), text_of(cell)
+    listing = text_of(res[3])
+    assert "from-yaml COMPLETED 600.0" in listing
+    assert "from-toml COMPLETED" in listing and "'GREETING': 'hi'" in listing
+    assert "yaml job ran" in text_of(res[4])

@@ -1,0 +1,284 @@
+"""The orchestrator end to end with the real runner subprocess on loopback (local provider)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from trainorch_jupyter.model import JobState, SpecError
+from trainorch_jupyter.orchestrator import Event, Orchestrator
+from trainorch_jupyter.providers import MachineHandle
+from trainorch_jupyter.providers.local import LocalProvider
+from trainorch_jupyter.store import Store
+
+from .helpers import CuttingProxy, orchestrator, pid_alive, py_command
+
+LINES_AND_FILES = r"""
+import os, sys
+out = os.environ["TRAINORCH_OUTPUT_DIR"]
+for i in range(20000):
+    print(f"line {i:05d} " + "x" * 40)
+    if i % 5000 == 0:
+        print(f'TRAINORCH_METRIC {{"step": {i}, "total_steps": 20000, "loss": {1.0 / (i + 1)}}}')
+os.makedirs(out + "/sub", exist_ok=True)
+open(out + "/adapter.bin", "wb").write(bytes(range(256)) * 4096)
+open(out + "/sub/notes.txt", "w").write("done\n")
+print("stderr line", file=sys.stderr)
+"""
+
+
+def _lines(text: str) -> list[str]:
+    return [ln for ln in text.splitlines() if ln.startswith("line ")]
+
+
+def test_twenty_thousand_lines_and_verified_files(tmp_path: Path) -> None:
+    events: list[Event] = []
+    with orchestrator(tmp_path) as orch:
+        orch.subscribe(events.append)
+        t0 = time.monotonic()
+        job = orch.submit({"name": "lines", "command": py_command(LINES_AND_FILES)})
+        assert time.monotonic() - t0 < 5  # returns a handle at once (generous bound)
+        final = job.wait(timeout=120)
+        assert final.state is JobState.COMPLETED, final.error
+        text = job.logs()
+        assert _lines(text) == [f"line {i:05d} " + "x" * 40 for i in range(20000)]
+        assert "stderr line" in text
+        assert [m["step"] for m in job.metrics()] == [0, 5000, 10000, 15000]
+        # Log events carry every line once, in order.
+        streamed = "".join(e.data for e in events if e.kind == "log")
+        assert _lines(streamed) == _lines(text)
+        states = [e.data.state for e in events if e.kind == "state"]
+        assert states == [JobState.PROVISIONING, JobState.RUNNING, JobState.DOWNLOADING, JobState.COMPLETED]
+        # Artifacts: in artifacts/<job_id>/, hashes equal what was written.
+        dest = tmp_path / "artifacts" / job.id
+        names = sorted(a.name for a in final.artifacts)
+        assert names == ["adapter.bin", "sub/notes.txt"]
+        for a in final.artifacts:
+            assert a.path == dest / a.name
+            assert hashlib.sha256(a.path.read_bytes()).hexdigest() == a.hash_sha256
+            assert a.size_bytes == a.path.stat().st_size
+        assert (dest / "adapter.bin").read_bytes() == bytes(range(256)) * 4096
+        meta = json.loads((dest / "trainorch-artifact.json").read_text())
+        assert meta["metadata"]["provider"] == "local" and len(meta["files"]) == 2
+        # The machine is gone.
+        assert not pid_alive(int(final.machine_id or 0))
+
+
+def test_failing_command(tmp_path: Path) -> None:
+    with orchestrator(tmp_path) as orch:
+        code = "import sys\nfor i in range(30): print('step', i)\nprint('RuntimeError: it broke', flush=True)\nsys.exit(3)"
+        final = orch.submit({"name": "fails", "command": py_command(code)}).wait(60)
+        assert final.state is JobState.FAILED
+        assert final.exit_code == 3
+        assert "exited with code 3" in (final.error or "")
+        assert "RuntimeError: it broke" in (final.error or "")  # the last lines are in the error
+        assert final.artifacts == []
+        assert not pid_alive(int(final.machine_id or 0))
+
+
+def test_cancel_sleeping_job_leaves_no_process(tmp_path: Path) -> None:
+    with orchestrator(tmp_path) as orch:
+        job = orch.submit({"name": "sleeper", "command": py_command("import time\nprint('sleeping', flush=True)\ntime.sleep(600)")})
+        deadline = time.monotonic() + 30
+        while "sleeping" not in job.logs() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert job.status is JobState.RUNNING
+        status = json.loads((tmp_path / ".trainorch" / "machines" / job.id / "status.json").read_text())
+        command_pid = int(status["pid"])
+        assert pid_alive(command_pid)
+        t0 = time.monotonic()
+        job.cancel()
+        final = job.wait(timeout=30)
+        assert final.state is JobState.CANCELLED
+        assert time.monotonic() - t0 < 25  # within the 10 s grace period plus slack
+        assert not pid_alive(command_pid)
+        assert not pid_alive(int(final.machine_id or 0))
+
+
+def test_cancel_from_a_second_orchestrator(tmp_path: Path) -> None:
+    """Two kernels on one workspace: one follows the job, the other cancels it through the runner."""
+    with orchestrator(tmp_path) as first:
+        job = first.submit({"name": "shared", "command": py_command("import time\nprint('up', flush=True)\ntime.sleep(600)")})
+        while job.status is not JobState.RUNNING:
+            time.sleep(0.1)
+        with orchestrator(tmp_path) as second:
+            assert second.reattach() == []  # the first one holds the job
+            second.cancel(job.id)
+            assert second.wait(job.id, timeout=30).state is JobState.CANCELLED
+        assert job.wait(5).state is JobState.CANCELLED
+
+
+def test_max_runtime_is_enforced(tmp_path: Path) -> None:
+    with orchestrator(tmp_path) as orch:
+        final = orch.submit({"name": "slow", "max_runtime": 2, "command": py_command("import time\ntime.sleep(600)")}).wait(60)
+        assert final.state is JobState.FAILED
+        assert "max runtime" in (final.error or "")
+        assert final.diagnosis is not None
+
+
+def test_inputs_are_uploaded_and_hash_checked(tmp_path: Path) -> None:
+    data = tmp_path / "data.csv"
+    data.write_bytes(b"a,b\n" + b"1,2\n" * 10000)
+    code = "import os, shutil\nshutil.copy(os.environ['TRAINORCH_INPUT_DIR'] + '/data.csv', os.environ['TRAINORCH_OUTPUT_DIR'] + '/copy.csv')"
+    with orchestrator(tmp_path) as orch:
+        final = orch.submit({"name": "inputs", "inputs": [str(data)], "command": py_command(code)}).wait(60)
+    assert final.state is JobState.COMPLETED, final.error
+    (art,) = final.artifacts
+    assert art.hash_sha256 == hashlib.sha256(data.read_bytes()).hexdigest()
+
+
+def test_bad_spec_writes_nothing(tmp_path: Path) -> None:
+    with orchestrator(tmp_path) as orch:
+        for bad, field_name in [
+            ({"name": "Bad Name", "command": ["true"]}, "name"),
+            ({"name": "x", "provider": "moon", "command": ["true"]}, "provider"),
+            ({"name": "x", "command": ["true"], "inputs": [str(tmp_path / "missing")]}, "inputs[0]"),
+            ({"name": "x", "command": ["true"], "resources": {"max_price_per_hour": 2.0}}, "resources.max_price_per_hour"),
+        ]:
+            with pytest.raises(SpecError) as info:
+                orch.submit(bad)
+            assert info.value.field == field_name
+        assert orch.jobs() == []
+        assert not (tmp_path / ".trainorch" / "machines").exists()
+
+
+def test_provider_keys_never_reach_the_job_or_the_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = "rpa_SECRET_" + "7" * 20
+    monkeypatch.setenv("RUNPOD_API_KEY", secret)
+    code = "import os\nprint(sorted(os.environ))\nprint(os.environ.get('RUNPOD_API_KEY', 'absent'))"
+    with orchestrator(tmp_path) as orch:
+        final = orch.submit({"name": "env", "command": py_command(code), "env": {"MY_VAR": "1"}}).wait(60)
+        assert final.state is JobState.COMPLETED
+        assert "absent" in orch.logs(final.id)
+    for path in (tmp_path / ".trainorch").rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+
+
+class ProxiedLocal(LocalProvider):
+    """The local provider, reached through a proxy that the test cuts now and then."""
+
+    proxy: CuttingProxy
+
+    async def launch(self, job: Any, bootstrap: Any) -> MachineHandle:
+        handle = await super().launch(job, bootstrap)
+        handle.runner_url = self.proxy.proxied(str(handle.runner_url))
+        return handle
+
+
+def test_connection_cut_mid_stream_loses_and_doubles_nothing(tmp_path: Path) -> None:
+    proxy = CuttingProxy()
+    ProxiedLocal.proxy = proxy
+    code = (
+        "import os, time\n"
+        "for i in range(20000):\n"
+        "    print(f'line {i:05d}')\n"
+        "    if i % 2000 == 0: time.sleep(0.2)\n"
+        "open(os.environ['TRAINORCH_OUTPUT_DIR'] + '/big.bin', 'wb').write(os.urandom(8 << 20))\n"
+    )
+    stop = threading.Event()
+
+    def cutter() -> None:
+        while not stop.wait(0.15):
+            proxy.cut()
+
+    try:
+        with orchestrator(tmp_path, providers={"local": ProxiedLocal}) as orch:
+            job = orch.submit({"name": "cut", "command": py_command(code)})
+            thread = threading.Thread(target=cutter, daemon=True)
+            thread.start()
+            final = job.wait(180)
+            stop.set()
+            assert final.state is JobState.COMPLETED, final.error
+            assert _lines(job.logs()) == [f"line {i:05d}" for i in range(20000)]
+            (art,) = final.artifacts
+            assert hashlib.sha256(art.path.read_bytes()).hexdigest() == art.hash_sha256
+            assert proxy.cuts > 5 and proxy.accepted > 5
+    finally:
+        stop.set()
+        proxy.close()
+
+
+def test_restart_reattaches_and_loses_no_line(tmp_path: Path) -> None:
+    code = (
+        "import os, time\n"
+        "for i in range(120):\n"
+        "    print(f'line {i:05d}', flush=True)\n"
+        "    time.sleep(0.03)\n"
+        "open(os.environ['TRAINORCH_OUTPUT_DIR'] + '/result.txt', 'w').write('ok')\n"
+    )
+    first = Orchestrator(tmp_path)
+    job = first.submit({"name": "restart", "command": py_command(code)})
+    deadline = time.monotonic() + 30
+    while len(_lines(job.logs())) < 20 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    first.close()  # the kernel goes away mid-run; the runner goes on
+    store = Store(tmp_path)
+    assert store.get(job.id).state is JobState.RUNNING
+    with orchestrator(tmp_path) as second:
+        assert job.id in [j.id for j in second.jobs()]
+        final = second.wait(job.id, timeout=60)
+        assert final.state is JobState.COMPLETED, final.error
+        assert _lines(second.logs(job.id)) == [f"line {i:05d}" for i in range(120)]
+        assert [a.name for a in final.artifacts] == ["result.txt"]
+
+
+def test_download_on_demand_after_the_machine_is_gone(tmp_path: Path) -> None:
+    code = "import os\nopen(os.environ['TRAINORCH_OUTPUT_DIR'] + '/w.bin', 'wb').write(b'w' * 100000)"
+    with orchestrator(tmp_path) as orch:
+        job = orch.submit({"name": "later", "auto_download": False, "command": py_command(code)})
+        final = job.wait(60)
+        assert final.state is JobState.COMPLETED and final.artifacts == []
+        infos = job.download().result(60)  # starts a runner on the finished job's dir again
+        assert [i.name for i in infos] == ["w.bin"]
+        assert infos[0].path == tmp_path / "artifacts" / job.id / "w.bin"
+        other = job.download(tmp_path / "elsewhere").result(60)
+        assert other[0].path == tmp_path / "elsewhere" / "w.bin"
+        assert other[0].hash_sha256 == infos[0].hash_sha256
+        # Corrupt the local copy: the next download notices and fetches it again.
+        infos[0].path.write_bytes(b"x" * 100000)
+        again = job.download().result(60)
+        assert again[0].path.read_bytes() == b"w" * 100000
+
+
+def test_seed_api_works_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from trainorch_jupyter import TrainingState, get_training_orchestrator
+    from trainorch_jupyter.orchestrator import reset_orchestrator
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "hello"}\n')
+    monkeypatch.setenv("TRAINORCH_WORKSPACE", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    reset_orchestrator()
+    try:
+        from trainorch_jupyter import TrainingConfig
+
+        orchestrator_ = get_training_orchestrator()
+        config = TrainingConfig(job_id="my_training_job", model_name="tiny", dataset_path=str(data),
+                                output_dir=str(tmp_path / "output"))
+        orchestrator_.create_job(config)
+        # Swap the command for a quick one: this test is about the facade, not training.
+        spec = config.to_spec("local")
+        assert spec.train is not None and spec.train.model == "tiny"
+        handle = orchestrator_.orchestrator.submit(
+            {"name": "my-training-job", "command": py_command(
+                "import os\nopen(os.environ['TRAINORCH_OUTPUT_DIR'] + '/adapter_model.safetensors', 'wb')"
+                ".write(b'\\x02\\x00\\x00\\x00\\x00\\x00\\x00\\x00{}')")})
+        orchestrator_._ids["my_training_job"] = handle.id
+        orchestrator_.wait("my_training_job", timeout=60)
+        status = orchestrator_.get_status("my_training_job")
+        assert status.state == TrainingState.COMPLETED
+        artifact = asyncio.run(orchestrator_.download_artifact("my_training_job"))
+        assert artifact.path.name == "adapter_model.safetensors"
+        assert artifact.hash_sha256 == hashlib.sha256(artifact.path.read_bytes()).hexdigest()
+        assert (tmp_path / "output" / "adapter_model.safetensors").exists()
+    finally:
+        reset_orchestrator()
