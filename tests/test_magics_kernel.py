@@ -113,3 +113,36 @@ def test_cell_magic_yaml_and_toml_specs(tmp_path: Path) -> None:
     assert "from-yaml COMPLETED 600.0" in listing
     assert "from-toml COMPLETED" in listing and "'GREETING': 'hi'" in listing
     assert "yaml job ran" in text_of(res[4])
+
+
+def test_kernel_dies_mid_run_and_a_new_kernel_reattaches(tmp_path: Path) -> None:
+    import pytest
+    from nbclient.exceptions import DeadKernelError
+
+    from trainorch_jupyter.store import Store
+
+    job_code = ("import time\nfor i in range(150):\n    print(f'line {i:05d}', flush=True)\n    time.sleep(0.03)\n"
+                "import os\nopen(os.environ['TRAINORCH_OUTPUT_DIR'] + '/done.txt', 'w').write('done')")
+    (tmp_path / "job.py").write_text(job_code)
+    first = [
+        "%load_ext trainorch_jupyter",
+        f"job = %train submit --name crash -- python {tmp_path / 'job.py'}",
+        "import time\nwhile len(job.logs().splitlines()) < 30 and not job.status.is_terminal: time.sleep(0.05)\n"
+        "assert job.status.value == 'RUNNING', job.logs()",
+        "import os\nos._exit(1)",  # the kernel dies without any cleanup
+    ]
+    with pytest.raises(DeadKernelError):
+        run_cells(first, tmp_path, timeout=60)
+    (job,) = Store(tmp_path).list_jobs()
+    assert job.state.value == "RUNNING"
+    second = [
+        "%load_ext trainorch_jupyter",
+        "from trainorch_jupyter import get_orchestrator\n"
+        f"final = get_orchestrator().wait({job.id!r}, timeout=120)\nprint('STATE', final.state.value)",
+        f"lines = get_orchestrator().logs({job.id!r}).splitlines()\n"
+        "print('LINES', lines == [f'line {i:05d}' for i in range(150)])",
+    ]
+    out = run_cells(second, tmp_path)
+    assert "STATE COMPLETED" in text_of(out[1])
+    assert "LINES True" in text_of(out[2])
+    assert (tmp_path / "artifacts" / job.id / "done.txt").read_text() == "done"

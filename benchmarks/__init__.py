@@ -1,0 +1,1 @@
+"""Benchmarks (not tests: no assertions on wall time). Run one with ``python -m benchmarks.<name>``."""

@@ -1,0 +1,828 @@
+"""Artifact download: streaming, hashed while written, verified against the runner's manifest, placed atomically.
+
+The runner (``docs/PROTOCOL.md`` §2) hashes every output file on the training machine once the command exited and
+lists ``{"path", "size", "sha256"}`` in its manifest. Here each file is fetched from ``/v1/files/{path}`` into a
+temporary ``.<basename>.part`` beside its final place, hashed while it is written, compared with the manifest and
+only then fsynced and renamed into place. So a file under ``artifacts/<job_id>/`` is always the trainer's bytes.
+
+- A size or hash mismatch removes the ``.part``, is retried once from scratch, then raises :class:`ArtifactMismatch`
+  (an :class:`~trainorch_jupyter.model.IntegrityError`) naming the file and both hashes.
+- A connection lost mid-body resumes with ``Range: bytes=<have>-`` (a ``200`` answer restarts from zero), a bounded
+  number of times, then raises :class:`~trainorch_jupyter.model.RunnerError`; the ``.part`` stays, and a later call
+  rehashes it from disk and resumes from its end.
+- Writing and hashing happen in one worker thread (``hashlib`` and ``write`` release the GIL), fed in batches of
+  ``chunk_size`` bytes with at most :data:`_MAX_PENDING` batches in flight, so the event loop keeps reading the
+  socket meanwhile and memory stays flat whatever the file's size.
+- Request headers (the runner's bearer token) never go into a file, a log line or an exception; URLs are recorded
+  without query string or user info.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import struct
+import tempfile
+from collections import deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import httpx
+
+from trainorch_jupyter.model import ArtifactInfo, IntegrityError, RunnerError, utcnow
+
+try:  # POSIX advisory locks: two downloads of the same file must not write one .part
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = [
+    "ARTIFACT_INDEX",
+    "ArtifactMismatch",
+    "check_safetensors",
+    "download_file",
+    "download_manifest",
+    "redact_url",
+    "safe_relpath",
+    "verify_local",
+]
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_INDEX = "trainorch-artifact.json"
+_PART_SUFFIX = ".part"
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_MAX_PENDING = 2  # batches handed to the writer thread and not yet done
+_HASH_IN_THREAD = True  # False: hash and write on the event loop (benchmarks/bench_download.py compares both)
+_MAX_RESUMES = 20  # resumes of one attempt in all
+_MAX_STALLED_RESUMES = 3  # resumes in a row that got no new byte
+_RESUME_BACKOFF_S = 0.2  # first wait before a resume that follows a stalled one; doubles, capped
+_RESUME_BACKOFF_MAX_S = 5.0
+_LOCK_POLL_S = 0.2
+_LOCK_TIMEOUT_S = 3600.0
+_HASH_BLOCK = 1 << 20
+_RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+_SECRET_KEY_RE = re.compile(r"(token|secret|password|passwd|api[_-]?key|authorization|credential)", re.IGNORECASE)
+
+
+class ArtifactMismatch(IntegrityError):
+    """A file's bytes do not match the manifest (after the one retry). Carries what was expected and got."""
+
+    def __init__(self, name: str, *, expected_sha256: str, got_sha256: str | None, expected_size: int,
+                 got_size: int | None, attempts: int, detail: str = "") -> None:
+        self.name = name
+        self.expected_sha256 = expected_sha256
+        self.got_sha256 = got_sha256
+        self.expected_size = expected_size
+        self.got_size = got_size
+        self.attempts = attempts
+        what = "size and SHA-256" if got_size != expected_size else "SHA-256"
+        msg = (f"{name}: {what} do not match the manifest after {attempts} attempt(s): "
+               f"expected sha256 {expected_sha256} ({expected_size} bytes), "
+               f"got sha256 {got_sha256 or '-'} ({'-' if got_size is None else got_size} bytes)")
+        if detail:
+            msg += f"; {detail}"
+        super().__init__(msg)
+
+
+class _Mismatch(Exception):
+    """One attempt ended with bytes that cannot be the manifest's (internal; becomes ArtifactMismatch)."""
+
+    def __init__(self, got_sha256: str | None, got_size: int | None, detail: str = "") -> None:
+        super().__init__(detail)
+        self.got_sha256 = got_sha256
+        self.got_size = got_size
+        self.detail = detail
+
+
+class _Restart(Exception):
+    """The server answered 200 to a Range request: start this attempt again from byte zero."""
+
+
+# --------------------------------------------------------------------------------------------
+# Names, URLs
+# --------------------------------------------------------------------------------------------
+
+
+def safe_relpath(name: str) -> PurePosixPath:
+    """The manifest path ``name`` as a relative POSIX path, or IntegrityError if it could leave the folder.
+
+    Rejected: empty, absolute, ``.``/``..`` components, empty components, backslashes, NUL and control characters,
+    Windows drive letters, and names that collide with this module's own files (``*.part`` temporaries beginning
+    with a dot, the top-level ``trainorch-artifact.json``).
+    """
+    if not isinstance(name, str) or not name:
+        raise IntegrityError(f"manifest path {name!r} is not a non-empty string")
+    if any(ord(c) < 32 or c == "\x7f" for c in name) or "\\" in name:
+        raise IntegrityError(f"manifest path {name!r} holds a backslash or control character")
+    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+        raise IntegrityError(f"manifest path {name!r} is absolute")
+    parts = name.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise IntegrityError(f"manifest path {name!r} has an empty, '.' or '..' component")
+    base = parts[-1]
+    if base.startswith(".") and base.endswith(_PART_SUFFIX):
+        raise IntegrityError(f"manifest path {name!r} collides with the download's temporary files")
+    if name == ARTIFACT_INDEX:
+        raise IntegrityError(f"manifest path {name!r} collides with the artifact index file")
+    return PurePosixPath(*parts)
+
+
+def _target(dest_dir: Path, name: str) -> tuple[Path, Path]:
+    """(final path, .part path) for ``name`` under ``dest_dir``; rejects names and symlinks that escape it."""
+    rel = safe_relpath(name)
+    root = dest_dir.resolve()
+    final = root.joinpath(*rel.parts)
+    # An existing component that is a symlink could point anywhere: refuse to follow it.
+    probe = root
+    for part in rel.parts:
+        probe = probe / part
+        if probe.is_symlink():
+            raise IntegrityError(f"{name}: {probe} is a symlink; refusing to write through it")
+    if os.path.commonpath([root, final.resolve()]) != str(root):
+        raise IntegrityError(f"{name}: resolves outside {root}")
+    return final, final.with_name(f".{final.name}{_PART_SUFFIX}")
+
+
+def redact_url(url: str) -> str:
+    """``url`` without user info, query string or fragment (where tokens could hide)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _file_url(base_url: str, name: str) -> str:
+    return f"{base_url.rstrip('/')}/v1/files/{quote(name, safe='/')}"
+
+
+def _check_expected(name: str, expected_size: Any, expected_sha256: Any) -> tuple[int, str]:
+    if not isinstance(expected_size, int) or isinstance(expected_size, bool) or expected_size < 0:
+        raise IntegrityError(f"{name}: manifest size {expected_size!r} is not a non-negative integer")
+    sha = expected_sha256.lower() if isinstance(expected_sha256, str) else ""
+    if not _SHA256_RE.match(sha):
+        raise IntegrityError(f"{name}: manifest sha256 {expected_sha256!r} is not 64 hex digits")
+    return expected_size, sha
+
+
+# --------------------------------------------------------------------------------------------
+# Hashing, fsync, locks
+# --------------------------------------------------------------------------------------------
+
+
+def _hash_file(path: Path, limit: int | None = None) -> tuple[Any, int]:
+    """(sha256 object, bytes read) over ``path``'s first ``limit`` bytes (all when None)."""
+    h = hashlib.sha256()
+    n = 0
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(_HASH_BLOCK)
+        view = memoryview(buf)
+        while limit is None or n < limit:
+            want = _HASH_BLOCK if limit is None else min(_HASH_BLOCK, limit - n)
+            got = f.readinto(view[:want])
+            if not got:
+                break
+            h.update(view[:got])
+            n += got
+    return h, n
+
+
+def _fsync_dir(path: Path) -> None:
+    if os.name != "posix":  # pragma: no cover
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # pragma: no cover
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some filesystems refuse directory fsync
+        pass
+    finally:
+        os.close(fd)
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _try_lock(f: IO[bytes]) -> bool:
+    if fcntl is None:  # pragma: no cover
+        return True
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+async def _open_locked(part: Path, name: str) -> IO[bytes]:
+    """Open (creating) ``part`` for read/write and hold an exclusive lock on it, waiting for another holder."""
+    waited = 0.0
+    while True:
+        fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
+        f = os.fdopen(fd, "r+b")
+        if _try_lock(f):
+            # The holder we waited for may have renamed or removed the file we opened: use the one at the path.
+            try:
+                same = os.path.samestat(os.fstat(f.fileno()), os.stat(part))
+            except FileNotFoundError:
+                same = False
+            if same:
+                return f
+            f.close()
+            continue
+        f.close()
+        if waited >= _LOCK_TIMEOUT_S:
+            raise RunnerError(f"{name}: another download of this file has held its lock for {waited:.0f}s")
+        await asyncio.sleep(_LOCK_POLL_S)
+        waited += _LOCK_POLL_S
+
+
+# --------------------------------------------------------------------------------------------
+# The writer thread
+# --------------------------------------------------------------------------------------------
+
+
+class _Sink:
+    """Writes and hashes batches of chunks, in order, in one worker thread; ``done`` counts bytes written."""
+
+    def __init__(self, f: IO[bytes], hasher: Any, executor: ThreadPoolExecutor) -> None:
+        self.f = f
+        self.hasher = hasher
+        self.done = 0
+        self._executor = executor
+        self._pending: deque[asyncio.Future[None]] = deque()
+
+    def _work(self, chunks: list[bytes]) -> None:
+        update = self.hasher.update
+        write = self.f.write
+        for c in chunks:
+            update(c)
+            write(c)
+            self.done += len(c)
+
+    async def put(self, chunks: list[bytes]) -> None:
+        if not _HASH_IN_THREAD:  # the slower alternative, kept for the benchmark's comparison
+            self._work(chunks)
+            return
+        loop = asyncio.get_running_loop()
+        self._pending.append(loop.run_in_executor(self._executor, self._work, chunks))
+        while len(self._pending) > _MAX_PENDING:
+            await self._pending.popleft()
+
+    async def drain(self) -> None:
+        while self._pending:
+            await self._pending.popleft()
+
+    async def reset(self) -> None:
+        """Forget every byte: the server sends the whole file again."""
+        await self.drain()
+        self.f.seek(0)
+        self.f.truncate(0)
+        self.hasher = hashlib.sha256()
+        self.done = 0
+
+    def drain_blocking(self) -> None:
+        """Wait for the worker without the loop (cleanup after a cancel); swallows the worker's errors."""
+        fut: Future[None] = self._executor.submit(lambda: None)
+        fut.result()
+        self._pending.clear()
+
+
+# --------------------------------------------------------------------------------------------
+# One file
+# --------------------------------------------------------------------------------------------
+
+
+async def download_file(
+    http: httpx.AsyncClient,
+    url: str,
+    *,
+    headers: Mapping[str, str],
+    name: str,
+    expected_size: int,
+    expected_sha256: str,
+    dest_dir: Path,
+    chunk_size: int = 1 << 20,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Download ``url`` to ``dest_dir/name``, verified against ``expected_size`` and ``expected_sha256``.
+
+    Returns the final path. Skips the download when the final file is already there with the right hash.
+    Raises IntegrityError for a bad name (before anything is written) and :class:`ArtifactMismatch` when the bytes
+    still do not match after one retry from scratch (nothing is left in place then); raises RunnerError when the
+    server refuses or the connection keeps failing (the ``.part`` stays for a later resume).
+    ``progress(done, total)`` is called from the event loop as bytes are written.
+    """
+    expected_size, expected_sha256 = _check_expected(name, expected_size, expected_sha256)
+    final, part = _target(Path(dest_dir), name)
+    if chunk_size < 1:
+        raise ValueError("chunk_size must be positive")
+    safe_url = redact_url(url)
+    loop = asyncio.get_running_loop()
+
+    if final.is_file() and final.stat().st_size == expected_size:
+        h, _ = await loop.run_in_executor(None, _hash_file, final)
+        if h.hexdigest() == expected_sha256:
+            log.debug("%s: already present and verified", name)
+            if progress is not None:
+                progress(expected_size, expected_size)
+            return final
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    last: _Mismatch | None = None
+    attempts = 2
+    for attempt in range(1, attempts + 1):
+        f = await _open_locked(part, name)
+        try:
+            if attempt == 1 and final.is_file() and final.stat().st_size == expected_size:
+                # Another process may have finished this file while we waited for the lock.
+                h, _ = await loop.run_in_executor(None, _hash_file, final)
+                if h.hexdigest() == expected_sha256:
+                    _unlink(part)
+                    return final
+            if attempt > 1:
+                f.truncate(0)
+            try:
+                await _attempt(http, url, safe_url, headers, name, f, part, expected_size, expected_sha256,
+                               chunk_size, progress)
+            except _Mismatch as exc:
+                last = exc
+                log.warning("%s: attempt %d of %d does not match the manifest (%s)", name, attempt, attempts,
+                            exc.detail or "hash")
+                _unlink(part)
+                continue
+            f.flush()
+            await loop.run_in_executor(None, os.fsync, f.fileno())
+            if fcntl is None:  # pragma: no cover - Windows cannot rename an open file
+                f.close()
+            os.replace(part, final)
+            _fsync_dir(final.parent)
+            log.debug("%s: verified and placed (%d bytes)", name, expected_size)
+            if progress is not None:
+                progress(expected_size, expected_size)
+            return final
+        finally:
+            f.close()
+    assert last is not None
+    raise ArtifactMismatch(name, expected_sha256=expected_sha256, got_sha256=last.got_sha256,
+                           expected_size=expected_size, got_size=last.got_size, attempts=attempts,
+                           detail=last.detail)
+
+
+async def _attempt(http: httpx.AsyncClient, url: str, safe_url: str, headers: Mapping[str, str], name: str,
+                   f: IO[bytes], part: Path, expected_size: int, expected_sha256: str, chunk_size: int,
+                   progress: Callable[[int, int], None] | None) -> None:
+    """Fill the locked ``f`` with the file's bytes and check them; raises _Mismatch, RunnerError."""
+    loop = asyncio.get_running_loop()
+    have = os.fstat(f.fileno()).st_size
+    if have > expected_size:
+        f.truncate(0)
+        have = 0
+    if have:
+        # A .part from an earlier call: its bytes count only once hashed again from disk.
+        hasher, have = await loop.run_in_executor(None, _hash_file, part, have)
+        log.debug("%s: resuming from %d bytes already on disk", name, have)
+    else:
+        hasher = hashlib.sha256()
+    f.seek(have)
+    f.truncate(have)
+
+    resumes = stalled = 0
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainorch-download") as executor:
+        sink = _Sink(f, hasher, executor)
+        sink.done = have
+        while sink.done < expected_size:
+            start = sink.done
+            try:
+                await _stream_once(http, url, headers, name, sink, expected_size, chunk_size, progress)
+            except _Restart:
+                await sink.reset()
+                continue
+            except (httpx.TransportError, _Transient) as exc:
+                try:
+                    await sink.drain()
+                except BaseException:
+                    sink.drain_blocking()
+                    raise
+                resumes += 1
+                stalled = stalled + 1 if sink.done == start else 0
+                if resumes > _MAX_RESUMES or stalled > _MAX_STALLED_RESUMES:
+                    raise RunnerError(
+                        f"{name}: download from {safe_url} failed after {resumes} tries "
+                        f"({sink.done} of {expected_size} bytes kept for a later resume): {_describe(exc)}"
+                    ) from None
+                delay = min(_RESUME_BACKOFF_MAX_S, _RESUME_BACKOFF_S * 2 ** (stalled - 1)) if stalled else 0.0
+                log.info("%s: connection lost at %d of %d bytes (%s); resuming", name, sink.done, expected_size,
+                         _describe(exc))
+                if delay:
+                    await asyncio.sleep(delay)
+                continue
+            except BaseException:
+                sink.drain_blocking()
+                raise
+            await sink.drain()
+            if sink.done < expected_size:
+                # The server ended the response cleanly with fewer bytes than the manifest's size.
+                raise _Mismatch(None, sink.done, f"the server sent {sink.done} of {expected_size} bytes")
+        await sink.drain()
+    got = sink.hasher.hexdigest()
+    if got != expected_sha256:
+        raise _Mismatch(got, sink.done)
+
+
+class _Transient(Exception):
+    """A retryable HTTP status (5xx, 429...): treated like a lost connection."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _parse_content_range(value: str | None) -> tuple[int, int, int | None] | None:
+    m = re.fullmatch(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*", value or "")
+    if not m:
+        return None
+    total = None if m.group(3) == "*" else int(m.group(3))
+    return int(m.group(1)), int(m.group(2)), total
+
+
+async def _stream_once(http: httpx.AsyncClient, url: str, headers: Mapping[str, str], name: str, sink: _Sink,
+                       expected_size: int, chunk_size: int, progress: Callable[[int, int], None] | None) -> None:
+    """One GET from ``sink.done`` on; feeds the sink. Raises _Restart, _Mismatch, _Transient, TransportError."""
+    have = sink.done
+    req_headers = dict(headers)
+    req_headers["Accept-Encoding"] = "identity"
+    if have:
+        req_headers["Range"] = f"bytes={have}-"
+    async with http.stream("GET", url, headers=req_headers) as resp:
+        status = resp.status_code
+        if status == 416 and have:
+            raise _Mismatch(None, None, f"the server refused a range from byte {have} (its file is shorter)")
+        if status in _RETRYABLE_STATUS:
+            raise _Transient(status)
+        if status == 206 and have:
+            cr = _parse_content_range(resp.headers.get("content-range"))
+            if cr is None or cr[0] != have:
+                raise _Restart()  # a range we did not ask for: start over rather than guess
+            if cr[2] is not None and cr[2] != expected_size:
+                raise _Mismatch(None, cr[2], f"the server's file is {cr[2]} bytes")
+        elif status == 200:
+            if have:  # the server ignored Range: take this whole answer from byte zero
+                log.info("%s: the server ignored Range; downloading again from byte 0", name)
+                await sink.reset()
+                have = 0
+        else:
+            raise RunnerError(f"{name}: the runner answered HTTP {status} for {redact_url(url)}"
+                              f"{_error_detail(await _read_small(resp))}")
+        encoded = resp.headers.get("content-encoding", "identity").strip().lower() not in ("", "identity")
+        if status == 200 and not encoded:
+            length = resp.headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) != expected_size:
+                raise _Mismatch(None, int(length), f"the server announced {length} bytes")
+
+        batch: list[bytes] = []
+        batched = 0
+        received = have
+        try:
+            async for chunk in resp.aiter_bytes():
+                received += len(chunk)
+                if received > expected_size:
+                    raise _Mismatch(None, received, f"the server sent more than {expected_size} bytes")
+                batch.append(chunk)
+                batched += len(chunk)
+                if batched >= chunk_size:
+                    await sink.put(batch)
+                    batch, batched = [], 0
+                    if progress is not None:
+                        progress(received, expected_size)
+        except httpx.TransportError:
+            # Bytes received before a lost connection are good bytes: keep them for the resume.
+            if batch:
+                await sink.put(batch)
+            raise
+        if batch:
+            await sink.put(batch)
+        if progress is not None:
+            progress(received, expected_size)
+
+
+async def _read_small(resp: httpx.Response, limit: int = 4096) -> bytes:
+    out = b""
+    with contextlib.suppress(httpx.HTTPError):
+        async for chunk in resp.aiter_raw():
+            out += chunk
+            if len(out) >= limit:
+                break
+    return out[:limit]
+
+
+def _error_detail(body: bytes) -> str:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return ""
+    if isinstance(data, dict) and isinstance(data.get("error"), str):
+        return f": {data['error'][:300]}"
+    return ""
+
+
+# --------------------------------------------------------------------------------------------
+# A whole manifest
+# --------------------------------------------------------------------------------------------
+
+
+async def download_manifest(
+    http: httpx.AsyncClient,
+    base_url: str,
+    *,
+    headers: Mapping[str, str],
+    manifest: Mapping[str, Any],
+    dest_dir: Path,
+    job_id: str,
+    metadata: Mapping[str, Any],
+    progress: Callable[[str, int, int], None] | None = None,
+) -> list[ArtifactInfo]:
+    """Download every file of the runner's ``manifest`` into ``dest_dir`` (``artifacts/<job_id>/``), verified.
+
+    Every name is checked before anything is written. ``*.safetensors`` files get their header checked. Then
+    ``dest_dir/trainorch-artifact.json`` is written atomically with the job's ``metadata`` (keys that look like
+    secrets are dropped) and one :class:`ArtifactInfo` per file, which are also returned.
+    """
+    entries = _manifest_entries(manifest)
+    dest_dir = Path(dest_dir)
+    for rel, _size, _sha in entries:  # reject every bad name before the first write
+        _target(dest_dir, rel)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    infos: list[ArtifactInfo] = []
+    for rel, size, sha in entries:
+        url = _file_url(base_url, rel)
+        cb: Callable[[int, int], None] | None = None
+        if progress is not None:
+            def cb(done: int, total: int, _rel: str = rel) -> None:
+                progress(_rel, done, total)
+        path = await download_file(http, url, headers=headers, name=rel, expected_size=size, expected_sha256=sha,
+                                   dest_dir=dest_dir, progress=cb)
+        info_meta: dict[str, Any] = {"name": rel, "verified": True, "source_url": redact_url(url)}
+        if path.suffix == ".safetensors":
+            loop = asyncio.get_running_loop()
+            info_meta["safetensors"] = await loop.run_in_executor(None, _check_safetensors_summary, path)
+        infos.append(ArtifactInfo(artifact_id=f"{job_id}:{rel}", job_id=job_id, path=path, size_bytes=size,
+                                  hash_sha256=sha, created_at=utcnow(), metadata=info_meta))
+    index = {
+        "job_id": job_id,
+        "created_at": utcnow().isoformat(),
+        "metadata": _scrub(dict(metadata)),
+        "files": [i.to_dict() for i in infos],
+    }
+    _write_json_atomic(dest_dir / ARTIFACT_INDEX, index)
+    return infos
+
+
+def _manifest_entries(manifest: Mapping[str, Any]) -> list[tuple[str, int, str]]:
+    files = manifest.get("files") if isinstance(manifest, Mapping) else None
+    if not isinstance(files, list):
+        raise IntegrityError("the runner's manifest has no 'files' list")
+    out: list[tuple[str, int, str]] = []
+    seen: set[str] = set()
+    for i, entry in enumerate(files):
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("path"), str):
+            raise IntegrityError(f"manifest entry {i} has no 'path'")
+        rel = entry["path"]
+        safe_relpath(rel)
+        size, sha = _check_expected(rel, entry.get("size"), entry.get("sha256"))
+        if rel in seen:
+            raise IntegrityError(f"manifest lists {rel!r} twice")
+        seen.add(rel)
+        out.append((rel, size, sha))
+    # A file and a folder of the same name cannot both be placed.
+    for rel in seen:
+        parts = rel.split("/")
+        for k in range(1, len(parts)):
+            if "/".join(parts[:k]) in seen:
+                raise IntegrityError(f"manifest lists {'/'.join(parts[:k])!r} as a file and as a folder")
+    return out
+
+
+def _scrub(value: Any) -> Any:
+    """Drop mapping keys that look like secrets, recursively (belt and braces: callers pass no secrets)."""
+    if isinstance(value, Mapping):
+        return {str(k): _scrub(v) for k, v in value.items() if not _SECRET_KEY_RE.search(str(k))}
+    if isinstance(value, list | tuple):
+        return [_scrub(v) for v in value]
+    return value
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    text = json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink(Path(tmp))
+        raise
+    _fsync_dir(path.parent)
+
+
+# --------------------------------------------------------------------------------------------
+# Local verification
+# --------------------------------------------------------------------------------------------
+
+
+def verify_local(dest_dir: Path) -> list[ArtifactInfo]:
+    """Hash again every file listed in ``dest_dir/trainorch-artifact.json``; IntegrityError on any difference.
+
+    Files are found by their manifest name under ``dest_dir`` (so the folder may have moved); the returned
+    ArtifactInfo's ``path`` is where the file is now.
+    """
+    dest_dir = Path(dest_dir)
+    index_path = dest_dir / ARTIFACT_INDEX
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise IntegrityError(f"{index_path}: no artifact index (was the download completed?)") from None
+    except ValueError as exc:
+        raise IntegrityError(f"{index_path}: not valid JSON ({exc})") from None
+    if not isinstance(index, dict) or not isinstance(index.get("files"), list):
+        raise IntegrityError(f"{index_path}: no 'files' list")
+    out: list[ArtifactInfo] = []
+    for entry in index["files"]:
+        try:
+            info = ArtifactInfo.from_dict(entry)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise IntegrityError(f"{index_path}: malformed file entry ({exc!r})") from None
+        final, _ = _target(dest_dir, info.name)
+        try:
+            h, n = _hash_file(final)
+        except FileNotFoundError:
+            raise IntegrityError(f"{info.name}: listed in {ARTIFACT_INDEX} but missing from {dest_dir}") from None
+        got = h.hexdigest()
+        if n != info.size_bytes or got != info.hash_sha256:
+            raise ArtifactMismatch(info.name, expected_sha256=info.hash_sha256, got_sha256=got,
+                                   expected_size=info.size_bytes, got_size=n, attempts=1,
+                                   detail="the local file changed after it was verified")
+        info.path = final
+        out.append(info)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# safetensors
+# --------------------------------------------------------------------------------------------
+
+_MAX_HEADER = 100_000_000  # the safetensors library's limit
+# Bits per element of every dtype the format defines (sub-byte float types included).
+_DTYPE_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32,
+    "I64": 64, "U64": 64, "F64": 64, "C64": 64,
+    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+}
+
+
+def check_safetensors(path: Path) -> None:
+    """Raise IntegrityError unless ``path`` is a well-formed safetensors file.
+
+    Checked with the standard library always (header length, JSON object without duplicate keys, every tensor's
+    dtype/shape/data_offsets, offsets contiguous from 0 and covering the payload exactly) and, where the maintained
+    ``safetensors`` library is importable, also by opening it with that library.
+    """
+    _check_safetensors_summary(Path(path))
+
+
+def _check_safetensors_summary(path: Path) -> dict[str, Any]:
+    n_tensors = _check_safetensors_stdlib(path)
+    checked_by = ["stdlib"]
+    if _check_safetensors_lib(path):
+        checked_by.append("safetensors")
+    return {"tensors": n_tensors, "checked_by": checked_by}
+
+
+def _lib_safe_open() -> Callable[..., Any] | None:
+    try:
+        from safetensors import safe_open
+    except ImportError:
+        return None
+    return safe_open
+
+
+def _check_safetensors_lib(path: Path) -> bool:
+    """Open ``path`` with the safetensors library; False when the library could not be used at all."""
+    safe_open = _lib_safe_open()
+    if safe_open is None:
+        return False
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover - very old releases
+        SafetensorError = ValueError
+    try:
+        with safe_open(str(path), framework="numpy") as st:
+            keys = list(st.keys())
+            st.metadata()
+            for key in keys:  # reads each tensor's header entry only, not its data
+                st.get_slice(key).get_shape()
+    except (SafetensorError, ValueError, OSError) as exc:
+        raise IntegrityError(f"{path.name}: not a valid safetensors file ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # e.g. the framework (numpy) is missing: the stdlib check stands alone
+        log.debug("safetensors library check skipped for %s: %s", path.name, _describe(exc))
+        return False
+    return True
+
+
+def _check_safetensors_stdlib(path: Path) -> int:
+    def bad(why: str) -> IntegrityError:
+        return IntegrityError(f"{path.name}: not a valid safetensors file ({why})")
+
+    file_size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad(f"{file_size} bytes, shorter than the 8-byte header length")
+        (n,) = struct.unpack("<Q", head)
+        if n > _MAX_HEADER:
+            raise bad(f"header length {n} exceeds {_MAX_HEADER}")
+        if 8 + n > file_size:
+            raise bad(f"header length {n} runs past the end of the {file_size}-byte file")
+        raw = f.read(n)
+    if not raw.startswith(b"{"):
+        raise bad("the header does not start with '{'")
+
+    def no_dupes(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        d: dict[str, Any] = {}
+        for k, v in pairs:
+            if k in d:
+                raise bad(f"duplicate key {k!r} in the header")
+            d[k] = v
+        return d
+
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_dupes)
+    except (UnicodeDecodeError, ValueError) as exc:
+        if isinstance(exc, IntegrityError):
+            raise
+        raise bad(f"the header is not a UTF-8 JSON object: {exc}") from None
+    if not isinstance(header, dict):
+        raise bad("the header is not a JSON object")
+    meta = header.pop("__metadata__", None)
+    if meta is not None and (not isinstance(meta, dict)
+                             or not all(isinstance(v, str) for v in meta.values())):
+        raise bad("__metadata__ must map strings to strings")
+    spans: list[tuple[int, int, str]] = []
+    for key, info in header.items():
+        if not isinstance(info, dict):
+            raise bad(f"tensor {key!r}: entry is not an object")
+        dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str):
+            raise bad(f"tensor {key!r}: no dtype")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                   for d in shape):
+            raise bad(f"tensor {key!r}: shape must be a list of non-negative integers")
+        if (not isinstance(offs, list) or len(offs) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offs)
+                or offs[0] > offs[1]):
+            raise bad(f"tensor {key!r}: data_offsets must be [begin, end] with 0 <= begin <= end")
+        bits = _DTYPE_BITS.get(dtype)
+        if bits is not None:  # an unknown (newer) dtype: its size cannot be checked here
+            numel = 1
+            for d in shape:
+                numel *= d
+            nbits = numel * bits
+            if nbits % 8 or nbits // 8 != offs[1] - offs[0]:
+                raise bad(f"tensor {key!r}: {dtype}{shape} needs {nbits / 8:g} bytes, "
+                          f"data_offsets give {offs[1] - offs[0]}")
+        spans.append((offs[0], offs[1], key))
+    spans.sort()
+    pos = 0
+    for begin, end, key in spans:
+        if begin != pos:
+            raise bad(f"tensor {key!r}: data starts at {begin}, expected {pos} (gap or overlap)")
+        pos = end
+    payload = file_size - 8 - n
+    if pos != payload:
+        raise bad(f"the tensors cover {pos} bytes but the file holds {payload} bytes of data")
+    return len(spans)
