@@ -291,10 +291,6 @@ def _format_table(jobs: list[Job]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
-def _has_widget_frontend(shell: Any) -> bool:
-    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
-
-
 def _widgets() -> Any | None:
     try:
         from . import widgets
@@ -439,26 +435,22 @@ class TrainMagics(Magics):
         args = _parse("list", rest)
         if args is None:
             return None
-        state = _check_state(args.state)
-        jobs = self.orch.jobs(state=state, provider=args.provider)
-        widgets = _widgets()
-        if widgets is not None and _has_widget_frontend(self.shell):
-            widgets.display_dashboard(self.orch, state=state, provider=args.provider)
-            return None
-        print(_format_table(jobs))
-        return None
+        return self._show_jobs(args)
 
     def _do_dashboard(self, rest: str, cell: str | None) -> Any:
         args = _parse("dashboard", rest)
         if args is None:
             return None
+        return self._show_jobs(args)
+
+    def _show_jobs(self, args: Any) -> None:
+        """A live dashboard in a notebook, a text table elsewhere."""
         state = _check_state(args.state)
         widgets = _widgets()
-        if widgets is None or not _has_widget_frontend(self.shell):
+        if widgets is not None:
+            widgets.display_dashboard(self.orch, state=state, provider=args.provider)
+        else:
             print(_format_table(self.orch.jobs(state=state, provider=args.provider)))
-            return None
-        widgets.display_dashboard(self.orch, state=state, provider=args.provider)
-        return None
 
     def _do_download(self, rest: str, cell: str | None) -> Any:
         args = _parse("download", rest)
@@ -478,12 +470,14 @@ class TrainMagics(Magics):
             raise UsageError("%train panel: --log-lines must be at least 1")
         handle = self.orch.job(args.job)
         widgets = _widgets()
-        if widgets is None or not _has_widget_frontend(self.shell):
+        if widgets is None:
             print(_format_job(handle.record))
-            return None
-        from IPython.display import display
+        elif widgets._has_widget_frontend():
+            from IPython.display import display
 
-        display(widgets.JobPanel(self.orch, handle.id, log_lines=args.log_lines))
+            display(widgets.JobPanel(self.orch, handle.id, log_lines=args.log_lines))
+        else:
+            print(widgets.text_summary(handle))
         return None
 
 
@@ -508,7 +502,7 @@ def _display_handle(handle: JobHandle) -> None:
 
 def load_ipython_extension(ipython: Any) -> None:
     ipython.register_magics(TrainMagics)
-    if _widgets() is not None and _has_widget_frontend(ipython):
+    if _widgets() is not None:  # a live panel in a notebook, a text summary in a terminal
         formatter = ipython.display_formatter.ipython_display_formatter
         formatter.for_type(JobHandle, _display_handle)
     # Re-attach to the workspace's unfinished jobs now (a restarted kernel loses no job).

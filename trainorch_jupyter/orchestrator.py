@@ -588,8 +588,10 @@ class Orchestrator:
         exit_code = status.get("exit_code")
         job.exit_code = exit_code if isinstance(exit_code, int) else None
         if status.get("cancelled") and not status.get("timed_out"):
+            await self._salvage(job, client)
             return Outcome(JobState.CANCELLED)
         if status.get("timed_out"):
+            await self._salvage(job, client)
             return Outcome(JobState.FAILED, f"stopped after the max runtime of {job.spec.max_runtime:.0f}s",
                            timed_out=True)
         if job.exit_code != 0:
@@ -604,6 +606,18 @@ class Orchestrator:
             await self._set_state(job, JobState.DOWNLOADING)
             return None
         return Outcome(JobState.COMPLETED)
+
+    async def _salvage(self, job: Job, client: RunnerClient) -> None:
+        """Keep what a stopped command saved (the trainer saves a partial adapter on SIGTERM) before the
+        machine goes away. Best effort: a failure here does not change how the job ends."""
+        if not job.spec.auto_download:
+            return
+        try:
+            manifest = await client.manifest()
+            if manifest and manifest.get("files"):
+                await self._download_from(job, client, self.artifacts_dir / job.id)
+        except Exception as exc:
+            log.warning("could not keep the files of stopped job %s: %s", job.id, exc)
 
     async def _finish(self, job: Job, state: JobState, *, error: str | None, timed_out: bool = False) -> None:
         if job.state.is_terminal:
