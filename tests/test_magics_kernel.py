@@ -146,3 +146,12 @@ def test_kernel_dies_mid_run_and_a_new_kernel_reattaches(tmp_path: Path) -> None
     assert "STATE COMPLETED" in text_of(out[1])
     assert "LINES True" in text_of(out[2])
     assert (tmp_path / "artifacts" / job.id / "done.txt").read_text() == "done"
+
+
+def test_logs_follow_prints_every_line_until_the_end(tmp_path: Path) -> None:
+    (tmp_path / "slow.py").write_text("import time\nfor i in range(40):\n    print(f'tick {i}', flush=True)\n    time.sleep(0.02)\n")
+    out = run_cells(["%load_ext trainorch_jupyter", f"job = %train submit --name follow -- python {tmp_path / 'slow.py'}",
+                     "%train logs -f"], tmp_path)
+    shown = text_of(out[2])
+    assert [ln for ln in shown.splitlines() if ln.startswith("tick")] == [f"tick {i}" for i in range(40)]
+    assert "COMPLETED" in shown

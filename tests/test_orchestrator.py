@@ -282,3 +282,38 @@ def test_seed_api_works_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         assert (tmp_path / "output" / "adapter_model.safetensors").exists()
     finally:
         reset_orchestrator()
+
+
+def test_on_done_callbacks_and_webhook(tmp_path: Path) -> None:
+    import http.server
+
+    posts: list[dict[str, Any]] = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            posts.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    done: list[JobState] = []
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/hook"
+        with orchestrator(tmp_path, webhook_url=url) as orch:
+            job = orch.submit({"name": "hooked", "command": py_command("print('hi')")})
+            job.on_done(lambda j: done.append(j.state))
+            final = job.wait(60)
+            job.on_done(lambda j: done.append(j.state))  # already finished: called at once
+            deadline = time.monotonic() + 10
+            while (len(done) < 2 or not posts) and time.monotonic() < deadline:
+                time.sleep(0.05)
+    finally:
+        server.shutdown()
+    assert final.state is JobState.COMPLETED
+    assert done == [JobState.COMPLETED, JobState.COMPLETED]
+    assert len(posts) == 1 and posts[0]["state"] == "COMPLETED" and posts[0]["job_id"] == final.id
+    assert final.id in posts[0]["text"] and "COMPLETED" in posts[0]["text"]

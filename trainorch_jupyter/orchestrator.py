@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import secrets
 import shutil
 import sys
@@ -102,7 +103,9 @@ class Orchestrator:
         self.store = Store(self.workspace)
         self.artifacts_dir = self.workspace / "artifacts"
         self.owner = process_owner_id()
-        self.webhook_url = webhook_url
+        # A URL (e.g. a Slack incoming webhook) posted a short summary when a job ends. It is a secret of
+        # sorts: it is never logged or stored.
+        self.webhook_url = webhook_url or os.environ.get("TRAINORCH_WEBHOOK_URL") or None
         self.unreachable_timeout_s = UNREACHABLE_TIMEOUT_S
         # Providers come from the entry-point group; ``providers`` adds or replaces some (tests, embedding).
         self._provider_classes = {**available_providers(), **dict(providers or {})}
@@ -111,6 +114,7 @@ class Orchestrator:
         self._subscribers: list[tuple[str | None, Callable[[Event], None]]] = []
         self._sub_lock = threading.Lock()
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._background: set[asyncio.Task[None]] = set()
         self._cancel_requested: set[str] = set()
         self._done_events: dict[str, threading.Event] = {}
         self._done_callbacks: dict[str, list[Callable[[Job], None]]] = {}
@@ -389,6 +393,10 @@ class Orchestrator:
         self._emit(job.id, "state", Job.from_dict(job.to_dict()))
         if state.is_terminal:
             self._run_done_callbacks(Job.from_dict(job.to_dict()))
+            if self.webhook_url:  # only the orchestrator that drove the job posts
+                task = asyncio.create_task(self._post_webhook(Job.from_dict(job.to_dict())))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
 
     def _check_cancel(self, job: Job) -> None:
         if job.id in self._cancel_requested:
@@ -736,11 +744,13 @@ class Orchestrator:
                 fn(job)
             except Exception:
                 log.exception("on_done callback failed")
-        if self.webhook_url:
-            self._submit(self._post_webhook(job))
 
     async def _post_webhook(self, job: Job) -> None:
         text = f"trainorch: job {job.id} {job.state.value}"
+        if job.elapsed_s is not None:
+            text += f" after {job.elapsed_s:.0f}s"
+        if job.artifacts:
+            text += f", {len(job.artifacts)} verified files"
         if job.error:
             text += f": {job.error.splitlines()[0]}"
         try:
