@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import sys
 import threading
@@ -11,21 +10,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from trainorch_jupyter._process import pid_alive
 from trainorch_jupyter.orchestrator import Orchestrator
 
+__all__ = ["PY", "CuttingProxy", "orchestrator", "pid_alive", "py_command"]
+
 PY = sys.executable
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return False
 
 
 class CuttingProxy:

@@ -17,6 +17,8 @@ from typing import Any
 
 import httpx
 
+from trainorch_jupyter._process import pid_alive as pid_alive
+
 REPO = Path(__file__).resolve().parents[1]
 RUNNER_PY = REPO / "trainorch_jupyter" / "runner.py"
 PY = sys.executable
@@ -31,22 +33,6 @@ def wait_for(pred: Callable[[], Any], timeout: float = 15.0, interval: float = 0
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
-
-
-def pid_alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie (PID 1 in a container may never reap orphans)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return False
-    return data[data.rfind(b")") + 2 :][:1] not in (b"Z", b"X")
 
 
 def group_pids(pgid: int) -> list[int]:

@@ -287,12 +287,12 @@ class Orchestrator:
         return self.store.get(job_id)
 
     def cancel(self, job_id: str) -> None:
-        self._call(self.acancel_on_loop(job_id), timeout=60)
+        self._call(self._cancel(job_id), timeout=60)
 
     async def acancel(self, job_id: str) -> None:
-        await self._bridge(self.acancel_on_loop(job_id))
+        await self._bridge(self._cancel(job_id))
 
-    async def acancel_on_loop(self, job_id: str) -> None:
+    async def _cancel(self, job_id: str) -> None:
         job = self.get(job_id)
         if job.state.is_terminal:
             return

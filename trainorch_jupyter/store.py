@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ._process import pid_alive
 from .model import ArtifactInfo, Job, JobNotFound, JobState
 
 SCHEMA_VERSION = 1
@@ -83,19 +84,7 @@ def _owner_alive(owner: str) -> bool:
         return True
     if host != socket.gethostname():
         return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie still answers kill(0); treat it as gone.
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            fields = fh.read().rsplit(b")", 1)[1].split()
-        return fields[0] != b"Z"
-    except (OSError, IndexError):
-        return True
+    return pid_alive(pid)
 
 
 class Store:

@@ -17,29 +17,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .._process import pid_alive
 from ..model import Job, JobSpec, ProviderError, SpecError
 from . import Bootstrap, MachineHandle, MachineStatus, PollResult, Provider
 
 RUNNER_FILE = Path(__file__).resolve().parent.parent / "runner.py"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return True
-
-
 def _pid_is_runner(pid: int, state_dir: Path) -> bool:
     """True when ``pid`` is alive and really is the runner of ``state_dir`` (pids get reused)."""
-    if not _pid_alive(pid):
+    if not pid_alive(pid):
         return False
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
