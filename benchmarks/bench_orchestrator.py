@@ -36,6 +36,7 @@ def _through_magic(workspace: Path) -> float:
     import nbformat
     from nbclient import NotebookClient
 
+    workspace.mkdir(parents=True, exist_ok=True)
     nb = nbformat.v4.new_notebook()
     nb.cells = [
         nbformat.v4.new_code_cell("%load_ext trainorch_jupyter"),
