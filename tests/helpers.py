@@ -5,17 +5,31 @@ from __future__ import annotations
 import socket
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from trainorch_jupyter._process import pid_alive
 from trainorch_jupyter.orchestrator import Orchestrator
 
-__all__ = ["PY", "CuttingProxy", "orchestrator", "pid_alive", "py_command"]
+__all__ = ["PY", "CuttingProxy", "orchestrator", "pid_alive", "py_command", "wait_for"]
 
 PY = sys.executable
+
+
+def wait_for(pred: Callable[[], Any], timeout: float = 15.0, interval: float = 0.02, what: str = "condition") -> Any:
+    """Poll ``pred`` until it returns something truthy (returned); AssertionError after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
 
 
 class CuttingProxy:

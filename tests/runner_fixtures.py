@@ -9,30 +9,19 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from tests.helpers import wait_for as wait_for
 from trainorch_jupyter._process import pid_alive as pid_alive
 
 REPO = Path(__file__).resolve().parents[1]
 RUNNER_PY = REPO / "trainorch_jupyter" / "runner.py"
 PY = sys.executable
-
-
-def wait_for(pred: Callable[[], Any], timeout: float = 15.0, interval: float = 0.02, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def group_pids(pgid: int) -> list[int]:

@@ -14,7 +14,7 @@ How updates reach the browser without hurting the kernel
   and ~400 KB/s: far below Jupyter's IOPub limits (1000 msgs/s, 1 MB/s), whatever the number of
   panels or the log rate.
 * The log view is a bounded deque of the last N lines rendered into one HTML value on a timer;
-  ``Output.append_stdout`` (which resends the whole output list per call) is never used.
+  the Output widget's per-call stdout append (which resends the whole output list each time) is never used.
 * The loss chart is a light inline SVG in an ``HTML`` widget: one message per redraw, ~10 bytes
   per point (decimated above :data:`CHART_MAX_POINTS` per series), no JS dependency, and it stays
   visible in a saved notebook.

@@ -11,6 +11,7 @@ import nbformat
 import pytest
 
 from tests.browser.conftest import SHOTS, Lab, Shots
+from tests.helpers import wait_for
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -66,17 +67,6 @@ def _attr(locator: Any, attr: str) -> str:
     return locator.first.get_attribute(attr) or ""
 
 
-def _wait(predicate: Any, timeout: float = 60, interval: float = 0.25) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        time.sleep(interval)
-
-
 def test_panel_live_cancel_during_busy_cell_and_dashboard(lab: Lab, page: Any, shots: Shots) -> None:
     for old in SHOTS.glob("test_panel_live_cancel_during_busy_cell_and_dashboard-*.png"):
         old.unlink()
@@ -109,10 +99,10 @@ def _scenario(lab: Lab, page: Any, shots: Shots) -> None:
     header = panel.locator(".trainorch-header")
     progress = panel.locator(".trainorch-progress")
     # Progress, chart and log advance while the job runs.
-    _wait(lambda: float(_attr(progress, "data-progress") or 0) > 0, timeout=60)
+    wait_for(lambda: float(_attr(progress, "data-progress") or 0) > 0, timeout=60)
     first = float(_attr(progress, "data-progress"))
     train_first = int(_attr(panel.locator("svg.trainorch-chart"), "data-train-points") or 0)
-    _wait(lambda: float(_attr(progress, "data-progress") or 0) > first + 5, timeout=60)
+    wait_for(lambda: float(_attr(progress, "data-progress") or 0) > first + 5, timeout=60)
     assert int(_attr(panel.locator("svg.trainorch-chart"), "data-train-points")) > train_first
     assert panel.locator("svg.trainorch-chart polyline.train").count() == 1
     log_text = panel.locator(".trainorch-log pre").inner_text()
@@ -122,18 +112,18 @@ def _scenario(lab: Lab, page: Any, shots: Shots) -> None:
     _run_cell(page, 2)  # a second, long job
     long_panel = _panel(page, "longjob")
     long_panel.wait_for(timeout=60_000)
-    _wait(lambda: _attr(long_panel.locator(".trainorch-header"), "data-state") == "RUNNING", timeout=60)
+    wait_for(lambda: _attr(long_panel.locator(".trainorch-header"), "data-state") == "RUNNING", timeout=60)
 
     _run_cell(page, 3)  # a busy cell: time.sleep(25)
     busy_cell = page.locator(".jp-Notebook .jp-Cell").nth(3)
-    _wait(lambda: "[*]" in busy_cell.locator(".jp-InputPrompt").inner_text(), timeout=20)
+    wait_for(lambda: "[*]" in busy_cell.locator(".jp-InputPrompt").inner_text(), timeout=20)
     t_click = time.monotonic()
     long_panel.get_by_role("button", name="Cancel").click()
     confirm = long_panel.get_by_role("button", name="Confirm cancel")
     confirm.wait_for(timeout=30_000)  # the confirm step shows while the cell is still busy
     shots("confirm-cancel")
     confirm.click()
-    _wait(lambda: _attr(long_panel.locator(".trainorch-header"), "data-state") == "CANCELLED", timeout=60)
+    wait_for(lambda: _attr(long_panel.locator(".trainorch-header"), "data-state") == "CANCELLED", timeout=60)
     cancelled_after = time.monotonic() - t_click
     still_busy = "[*]" in busy_cell.locator(".jp-InputPrompt").inner_text()
     shots("cancelled-during-busy-cell")
@@ -143,8 +133,8 @@ def _scenario(lab: Lab, page: Any, shots: Shots) -> None:
     print(f"cancel acted {cancelled_after:.1f}s after the click, while the busy cell still ran")
 
     # The first job completes: final state, notice, artifacts with hashes.
-    _wait(lambda: _attr(header, "data-state") == "COMPLETED", timeout=90)
-    _wait(lambda: panel.locator("tr.trainorch-artifact").count() == 2, timeout=30)
+    wait_for(lambda: _attr(header, "data-state") == "COMPLETED", timeout=90)
+    wait_for(lambda: panel.locator("tr.trainorch-artifact").count() == 2, timeout=30)
     assert _attr(progress, "data-progress") == "100.0"
     assert "Job completed" in panel.locator(".trainorch-notice").inner_text()
     assert panel.locator("tr.trainorch-artifact", has_text="verified").count() == 2
@@ -152,12 +142,12 @@ def _scenario(lab: Lab, page: Any, shots: Shots) -> None:
     shots("completed-with-artifacts")
 
     # The dashboard (runs after the busy cell ends).
-    _wait(lambda: "[*]" not in busy_cell.locator(".jp-InputPrompt").inner_text(), timeout=60)
+    wait_for(lambda: "[*]" not in busy_cell.locator(".jp-InputPrompt").inner_text(), timeout=60)
     _run_cell(page, 4)
     dash = page.locator(".trainorch-dashboard")
     dash.wait_for(timeout=60_000)
     rows = dash.locator("tr.trainorch-row")
-    _wait(lambda: rows.count() >= 2, timeout=30)
+    wait_for(lambda: rows.count() >= 2, timeout=30)
     assert dash.locator("tr.trainorch-row[data-state='CANCELLED']").count() == 1
     assert dash.locator("tr.trainorch-row[data-state='COMPLETED']").count() == 1
     dash.scroll_into_view_if_needed()
