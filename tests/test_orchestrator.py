@@ -79,7 +79,17 @@ def test_failing_command(tmp_path: Path) -> None:
         assert "exited with code 3" in (final.error or "")
         assert "RuntimeError: it broke" in (final.error or "")  # the last lines are in the error
         assert final.artifacts == []
+        assert final.diagnosis is not None and final.diagnosis["suggestions"]
         assert not pid_alive(int(final.machine_id or 0))
+
+
+def test_a_missing_module_is_diagnosed(tmp_path: Path) -> None:
+    with orchestrator(tmp_path) as orch:
+        final = orch.submit({"name": "nomod", "command": py_command("import totally_missing_module_xyz")}).wait(60)
+    assert final.state is JobState.FAILED and final.exit_code == 1
+    assert final.diagnosis is not None
+    assert final.diagnosis["cause"] == "missing_module"
+    assert "totally_missing_module_xyz" in final.diagnosis["summary"] + final.diagnosis["evidence"]
 
 
 def test_cancel_sleeping_job_leaves_no_process(tmp_path: Path) -> None:
@@ -247,39 +257,34 @@ def test_download_on_demand_after_the_machine_is_gone(tmp_path: Path) -> None:
         assert again[0].path.read_bytes() == b"w" * 100000
 
 
+@pytest.mark.slow
 def test_seed_api_works_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The seed document's usage example, as written there, on a real (short) LoRA run."""
     import asyncio
 
-    from trainorch_jupyter import TrainingState, get_training_orchestrator
+    from trainorch_jupyter import TrainingConfig, TrainingState, get_training_orchestrator
     from trainorch_jupyter.orchestrator import reset_orchestrator
 
-    data = tmp_path / "train.jsonl"
-    data.write_text('{"text": "hello"}\n')
+    data = Path(__file__).resolve().parent.parent / "notebooks" / "data" / "train.jsonl"
     monkeypatch.setenv("TRAINORCH_WORKSPACE", str(tmp_path))
-    monkeypatch.chdir(tmp_path)
     reset_orchestrator()
     try:
-        from trainorch_jupyter import TrainingConfig
-
         orchestrator_ = get_training_orchestrator()
         config = TrainingConfig(job_id="my_training_job", model_name="tiny", dataset_path=str(data),
-                                output_dir=str(tmp_path / "output"))
+                                output_dir=str(tmp_path / "output"), options={"steps": 6, "batch_size": 8})
         orchestrator_.create_job(config)
-        # Swap the command for a quick one: this test is about the facade, not training.
-        spec = config.to_spec("local")
-        assert spec.train is not None and spec.train.model == "tiny"
-        handle = orchestrator_.orchestrator.submit(
-            {"name": "my-training-job", "command": py_command(
-                "import os\nopen(os.environ['TRAINORCH_OUTPUT_DIR'] + '/adapter_model.safetensors', 'wb')"
-                ".write(b'\\x02\\x00\\x00\\x00\\x00\\x00\\x00\\x00{}')")})
-        orchestrator_._ids["my_training_job"] = handle.id
-        orchestrator_.wait("my_training_job", timeout=60)
-        status = orchestrator_.get_status("my_training_job")
-        assert status.state == TrainingState.COMPLETED
+        assert orchestrator_.get_status("my_training_job").state == TrainingState.PENDING
+        orchestrator_.start_training("my_training_job", provider="local")
+        status = orchestrator_.wait("my_training_job", timeout=300)
+        assert status.state == TrainingState.COMPLETED, status.error
+        assert status.orchestrator_job_id and status.orchestrator_job_id.startswith("my-training-job-")
         artifact = asyncio.run(orchestrator_.download_artifact("my_training_job"))
         assert artifact.path.name == "adapter_model.safetensors"
         assert artifact.hash_sha256 == hashlib.sha256(artifact.path.read_bytes()).hexdigest()
-        assert (tmp_path / "output" / "adapter_model.safetensors").exists()
+        assert (tmp_path / "output" / "adapter_model.safetensors").read_bytes() == artifact.path.read_bytes()
+        with pytest.raises(SpecError, match="job_id"):
+            orchestrator_.start_training("my_training_job")  # already started
+        orchestrator_.stop_training("my_training_job")  # finished: a no-op, not an error
     finally:
         reset_orchestrator()
 
