@@ -22,6 +22,7 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check trainorch_jupyter tests benchmarks
+	$(PY) -m mypy
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 test-fast: $(VENV)/.installed
@@ -35,6 +36,7 @@ lab: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check trainorch_jupyter tests benchmarks
+	$(PY) -m mypy
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis test-artifacts

@@ -736,17 +736,18 @@ def _check_safetensors_lib(path: Path) -> bool:
     safe_open = _lib_safe_open()
     if safe_open is None:
         return False
+    lib_error: type[Exception]
     try:
-        from safetensors import SafetensorError
+        from safetensors import SafetensorError as lib_error
     except ImportError:  # pragma: no cover - very old releases
-        SafetensorError = ValueError
+        lib_error = ValueError
     try:
         with safe_open(str(path), framework="numpy") as st:
             keys = list(st.keys())
             st.metadata()
             for key in keys:  # reads each tensor's header entry only, not its data
                 st.get_slice(key).get_shape()
-    except (SafetensorError, ValueError, OSError) as exc:
+    except (lib_error, ValueError, OSError) as exc:
         raise IntegrityError(f"{path.name}: not a valid safetensors file ({type(exc).__name__}: {exc})") from None
     except Exception as exc:  # e.g. the framework (numpy) is missing: the stdlib check stands alone
         log.debug("safetensors library check skipped for %s: %s", path.name, _describe(exc))

@@ -318,14 +318,14 @@ class TrainMagics(Magics):
 
     train.__doc__ = _overview()
 
-    @cell_magic("train")
+    @cell_magic("train")  # type: ignore[arg-type]
     def train_cell(self, line: str, cell: str) -> Any:
         try:
             return self._dispatch(line, cell)
         except (SpecError, TrainorchError) as exc:
             raise UsageError(str(exc)) from None
 
-    train_cell.__doc__ = _overview()
+    train_cell.__doc__ = _overview()  # type: ignore[assignment]
 
     def _dispatch(self, line: str, cell: str | None) -> Any:
         head, _, rest = line.strip().partition(" ")

@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -405,7 +406,8 @@ class Orchestrator:
     async def _drive(self, job_id: str, *, resume: bool) -> None:
         """Provision, run, follow, download; then terminate the machine and only then end the job,
         so a job seen as finished never has a machine left behind."""
-        job = self._jobs.get(job_id) or await asyncio.to_thread(self.store.get, job_id)
+        cached = self._jobs.get(job_id)
+        job = cached if cached is not None else await asyncio.to_thread(self.store.get, job_id)
         self._jobs[job_id] = job
         provider: Provider | None = None
         handle: MachineHandle | None = None
@@ -506,7 +508,7 @@ class Orchestrator:
         spec = job.spec
         for name, path in spec.all_inputs():
             self._check_cancel(job)
-            await self._persist(f"uploading {name}", lambda n=name, p=path: client.upload_input(n, p))
+            await self._persist(f"uploading {name}", functools.partial(client.upload_input, name, path))
         self._check_cancel(job)
 
         async def start_once() -> None:
@@ -567,7 +569,7 @@ class Orchestrator:
         async def follow_logs() -> None:
             offset = log_offset
             while True:
-                chunk = await self._persist("reading logs", lambda o=offset: client.read_logs(o, wait=20.0))
+                chunk = await self._persist("reading logs", functools.partial(client.read_logs, offset, wait=20.0))
                 if chunk.data or chunk.next_offset != offset:
                     await asyncio.to_thread(self.store.append_log, job.id, chunk.data, chunk.next_offset)
                     offset = chunk.next_offset
@@ -579,7 +581,7 @@ class Orchestrator:
         async def follow_metrics() -> None:
             offset = metrics_offset
             while True:
-                chunk = await self._persist("reading metrics", lambda o=offset: client.read_metrics(o, wait=20.0))
+                chunk = await self._persist("reading metrics", functools.partial(client.read_metrics, offset, wait=20.0))
                 if chunk.metrics or chunk.next_offset != offset:
                     await asyncio.to_thread(self.store.append_metrics, job.id, chunk.metrics, chunk.next_offset)
                     offset = chunk.next_offset
