@@ -32,7 +32,7 @@ bench: $(VENV)/.installed
 	$(PY) -m benchmarks.run
 
 lab: $(VENV)/.installed
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check trainorch_jupyter tests benchmarks
