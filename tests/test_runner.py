@@ -251,6 +251,23 @@ def test_start_expands_only_the_two_dir_placeholders(runner: RunningRunner, clie
                     "$HOME", "${PATH}"]
 
 
+def test_progress_bar_carriage_returns_are_readable_live(runner: RunningRunner, client: httpx.Client) -> None:
+    code = ("import sys, time\nfor i in range(3):\n    sys.stdout.write(f'progress {i}/3\\r'); sys.stdout.flush()\n"
+            "sys.stdout.write('half a line'); sys.stdout.flush()\ntime.sleep(30)")
+    start(client, py_command(code))
+    got = b""
+    offset = 0
+    deadline = time.monotonic() + 15
+    while b"progress 2/3\r" not in got and time.monotonic() < deadline:
+        r = client.get("/v1/logs", params={"offset": offset, "wait": 2})
+        got += r.content
+        offset = int(r.headers["X-Next-Offset"])
+    # Every redraw arrives while the command runs; the unfinished "half a line" waits for its end.
+    assert got == b"progress 0/3\rprogress 1/3\rprogress 2/3\r"
+    client.post("/v1/cancel", json={"grace_s": 1})
+    wait_exited(client)
+
+
 def test_start_validation_and_failure(runner: RunningRunner, client: httpx.Client) -> None:
     for body in ({}, {"command": []}, {"command": "true"}, {"command": [1]}, {"command": ["true"], "env": {"A": 1}},
                  {"command": ["true"], "max_runtime_s": -1}, {"command": ["true"], "grace_s": "x"}):

@@ -195,7 +195,7 @@ class Runner:
         self.timed_out = False
         self.error: str | None = None
         self.log_size = 0
-        self.log_whole_end = 0  # offset just past the last b"\n" in job.log
+        self.log_whole_end = 0  # offset just past the last b"\n" or b"\r" in job.log
         self.metrics_size = 0
         self.manifest: dict[str, Any] | None = None
         self._manifest_index: dict[str, dict[str, Any]] = {}
@@ -465,9 +465,12 @@ class Runner:
                             metrics.flush()
                         except OSError:
                             new_metrics = []
+                    # A carriage return ends a line too for readers: progress bars (tqdm) redraw one line
+                    # with "\r" and would otherwise show nothing until their final newline.
+                    last_end = max(last_nl, data.rfind(b"\r"))
                     with self.cond:
-                        if last_nl >= 0:
-                            self.log_whole_end = self.log_size + last_nl + 1
+                        if last_end >= 0:
+                            self.log_whole_end = self.log_size + last_end + 1
                         self.log_size += len(data)
                         if new_metrics:
                             self.metrics_size = metrics.tell()
@@ -631,8 +634,9 @@ class Runner:
             data = f.read(end - offset)
         end = offset + len(data)  # shorter only if the file was truncated under us
         if not (exited and end == size):
-            # Whole lines only; a line longer than ``limit`` comes in ``limit``-sized pieces.
-            nl = data.rfind(b"\n")
+            # Whole lines only (ended by "\n" or a progress bar's "\r"); a line longer than ``limit``
+            # comes in ``limit``-sized pieces.
+            nl = max(data.rfind(b"\n"), data.rfind(b"\r"))
             if nl >= 0:
                 end = offset + nl + 1
                 data = data[: nl + 1]
