@@ -4,11 +4,19 @@ A 512 MiB file is served over loopback by a small Range-capable HTTP server runn
 sends with ``sendfile``, as cheap as a server gets). Measured, best of ``repeat`` runs each:
 
 - ``httpx_discard``: a plain ``httpx.AsyncClient`` stream, bytes thrown away (no hash, no disk): the ceiling of
-  the HTTP client itself;
+  the HTTP client itself with its default 64 KiB reads;
+- ``httpx_discard_256k``: the same with the larger reads ``download_file`` asks of its connection;
+- ``asyncio_discard``: the body read with plain ``asyncio`` streams (no httpx), thrown away: a reference only;
 - ``sha256_memory``: ``hashlib.sha256`` over the same number of bytes already in memory, 1 MiB updates;
-- ``download_file``: the real thing (hash + write in a worker thread, fsync, rename);
+- ``download_file``: the real thing (256 KiB reads; each 1 MiB batch joined, then hashed and written in one
+  worker thread; fsync, rename);
+- ``download_file_64k_reads``: the same with httpcore's default 64 KiB reads (``_READ_SIZE = 0``);
+- ``download_file_per_chunk``: the same with the batch hashed and written chunk by chunk (no join);
 - ``download_file_inline_hash``: the same with hashing and writing on the event loop thread (the alternative);
 - ``curl``: ``curl -o /dev/null`` when curl is installed (a reference outside Python).
+
+Also reported: the longest the event loop was late for a 1 ms timer while ``download_file`` ran (its worst
+blocking stretch, GIL hand-offs to the worker thread included).
 
 Run: ``.venv/bin/python -m benchmarks.bench_download [--size-mib N] [--repeat N]``.
 """
@@ -100,19 +108,81 @@ async def _httpx_discard(url: str) -> int:
     return n
 
 
-async def _download(url: str, size: int, sha: str, dest: Path, inline: bool) -> None:
+async def _httpx_discard_256k(url: str) -> int:
     import httpx
 
     from trainorch_jupyter import artifacts
 
-    saved = artifacts._HASH_IN_THREAD
-    artifacts._HASH_IN_THREAD = not inline
+    n = 0
+    async with httpx.AsyncClient(timeout=60) as http, http.stream("GET", url) as resp:
+        with artifacts._larger_reads(resp):
+            async for chunk in resp.aiter_raw():
+                n += len(chunk)
+    return n
+
+
+async def _asyncio_discard(url: str) -> int:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    assert parts.hostname and parts.port
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port, limit=1 << 20)
+    writer.write(f"GET {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nAccept-Encoding: identity\r\n"
+                 "Connection: close\r\n\r\n".encode())
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    n = 0
+    while n < length:
+        chunk = await reader.read(min(1 << 20, length - n))
+        if not chunk:
+            break
+        n += len(chunk)
+    writer.close()
+    return n
+
+
+def _per_chunk_work(self: Any, chunks: list[bytes]) -> None:
+    """The sink's work before batching: one hash update and one write per chunk."""
+    for c in chunks:
+        self.hasher.update(c)
+        self.f.write(c)
+        self.done += len(c)
+
+
+async def _loop_lag(stop: asyncio.Event, out: list[float]) -> None:
+    worst = 0.0
+    while not stop.is_set():
+        t0 = time.perf_counter()
+        await asyncio.sleep(0.001)
+        worst = max(worst, time.perf_counter() - t0 - 0.001)
+    out.append(worst)
+
+
+async def _download(url: str, size: int, sha: str, dest: Path, variant: str = "",
+                    lag: list[float] | None = None) -> None:
+    import httpx
+
+    from trainorch_jupyter import artifacts
+
+    saved = artifacts._HASH_IN_THREAD, artifacts._READ_SIZE, artifacts._Sink._work
+    artifacts._HASH_IN_THREAD = variant != "inline"
+    if variant == "64k":
+        artifacts._READ_SIZE = 0
+    if variant == "per_chunk":
+        artifacts._Sink._work = _per_chunk_work  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    monitor = asyncio.create_task(_loop_lag(stop, lag)) if lag is not None else None
     try:
         async with httpx.AsyncClient(timeout=60) as http:
             await artifacts.download_file(http, url, headers={}, name="big.bin", expected_size=size,
                                           expected_sha256=sha, dest_dir=dest)
     finally:
-        artifacts._HASH_IN_THREAD = saved
+        artifacts._HASH_IN_THREAD, artifacts._READ_SIZE, artifacts._Sink._work = saved  # type: ignore[method-assign]
+        stop.set()
+        if monitor is not None:
+            await monitor
     (dest / "big.bin").unlink()
 
 
@@ -155,11 +225,16 @@ def run(size_mib: int = 512, repeat: int = 3) -> dict[str, Any]:
             url = f"http://127.0.0.1:{port}/big.bin"
             seconds: dict[str, float] = {}
             assert asyncio.run(_httpx_discard(url)) == size  # warm the page cache and check the server
+            assert asyncio.run(_asyncio_discard(url)) == size
             seconds["httpx_discard"] = _best(lambda: asyncio.run(_httpx_discard(url)), repeat)
+            seconds["httpx_discard_256k"] = _best(lambda: asyncio.run(_httpx_discard_256k(url)), repeat)
+            seconds["asyncio_discard"] = _best(lambda: asyncio.run(_asyncio_discard(url)), repeat)
             seconds["sha256_memory"] = _best(lambda: _sha_memory(size), repeat)
-            seconds["download_file"] = _best(lambda: asyncio.run(_download(url, size, sha, dest, False)), repeat)
-            seconds["download_file_inline_hash"] = _best(
-                lambda: asyncio.run(_download(url, size, sha, dest, True)), repeat)
+            lags: list[float] = []
+            seconds["download_file"] = _best(lambda: asyncio.run(_download(url, size, sha, dest, lag=lags)), repeat)
+            for label, variant in (("64k_reads", "64k"), ("per_chunk", "per_chunk"), ("inline_hash", "inline")):
+                seconds[f"download_file_{label}"] = _best(
+                    lambda v=variant: asyncio.run(_download(url, size, sha, dest, v)), repeat)
             curl = shutil.which("curl")
             if curl:
                 seconds["curl"] = _best(lambda: subprocess.run([curl, "-s", "-o", os.devnull, url], check=True),
@@ -170,12 +245,17 @@ def run(size_mib: int = 512, repeat: int = 3) -> dict[str, Any]:
     gbps = {k: size / v / 1e9 for k, v in seconds.items()}
     ratios = {
         "download_file / httpx_discard": gbps["download_file"] / gbps["httpx_discard"],
+        "download_file / httpx_discard_256k": gbps["download_file"] / gbps["httpx_discard_256k"],
         "download_file / sha256_memory": gbps["download_file"] / gbps["sha256_memory"],
+        "download_file / 64k_reads": gbps["download_file"] / gbps["download_file_64k_reads"],
+        "download_file / per_chunk": gbps["download_file"] / gbps["download_file_per_chunk"],
         "download_file / inline_hash": gbps["download_file"] / gbps["download_file_inline_hash"],
+        "asyncio_discard / httpx_discard_256k": gbps["asyncio_discard"] / gbps["httpx_discard_256k"],
     }
     if "curl" in gbps:
         ratios["download_file / curl"] = gbps["download_file"] / gbps["curl"]
-    return {"size_bytes": size, "repeat": repeat, "cpus": os.cpu_count(), "gb_per_s": gbps, "ratios": ratios}
+    return {"size_bytes": size, "repeat": repeat, "cpus": os.cpu_count(), "gb_per_s": gbps, "ratios": ratios,
+            "loop_lag_max_ms": max(lags) * 1e3}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -192,7 +272,8 @@ def main(argv: list[str] | None = None) -> None:
     for k, v in result["gb_per_s"].items():
         print(f"  {k:28s} {v:6.3f} GB/s")
     for k, v in result["ratios"].items():
-        print(f"  {k:32s} {v:5.2f}")
+        print(f"  {k:38s} {v:5.2f}")
+    print(f"  longest event-loop delay during download_file: {result['loop_lag_max_ms']:.1f} ms")
 
 
 if __name__ == "__main__":

@@ -772,3 +772,58 @@ def test_download_manifest_from_real_runner(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+# --------------------------------------------------------------------------------------------
+# Read size and batching (the throughput levers; benchmarks/bench_download.py measures them)
+# --------------------------------------------------------------------------------------------
+
+
+def test_larger_reads_apply_to_the_download_connection_and_are_put_back(server: FileServer, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import httpcore
+
+    data = random.Random(8).randbytes(3 << 20)
+    server.files["w.bin"] = data
+    seen: list[Any] = []
+    real = artifacts._larger_reads
+
+    @contextlib.contextmanager
+    def spy(resp: httpx.Response) -> Iterator[None]:
+        conn = artifacts._h11_connection(resp)
+        assert isinstance(conn, httpcore.AsyncHTTP11Connection)
+        with real(resp):
+            seen.append(conn.READ_NUM_BYTES)
+            yield
+        seen.append((conn.READ_NUM_BYTES, "READ_NUM_BYTES" in vars(conn)))
+
+    monkeypatch.setattr(artifacts, "_larger_reads", spy)
+    assert fetch(server, "w.bin", data, tmp_path).read_bytes() == data
+    assert seen == [artifacts._READ_SIZE, (httpcore.AsyncHTTP11Connection.READ_NUM_BYTES, False)]
+    assert artifacts._READ_SIZE > httpcore.AsyncHTTP11Connection.READ_NUM_BYTES
+
+
+def test_other_transports_are_left_alone_and_small_chunks_are_batched(tmp_path: Path) -> None:
+    data = random.Random(9).randbytes(3 * (1 << 20) + 17)
+    requests: list[httpx.Request] = []
+
+    class Pieces(httpx.AsyncByteStream):
+        async def __aiter__(self) -> Any:
+            for i in range(0, len(data), 1000):  # many small chunks: several go into one batch
+                yield data[i:i + 1000]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        return httpx.Response(200, headers={"Content-Length": str(len(data))}, stream=Pieces())
+
+    async def go() -> Path:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+            async with http.stream("GET", "http://runner/v1/files/m.bin") as resp:
+                assert artifacts._h11_connection(resp) is None
+            return await download_file(http, "http://runner/v1/files/m.bin", headers=AUTH, name="m.bin",
+                                       expected_size=len(data), expected_sha256=sha(data), dest_dir=tmp_path,
+                                       chunk_size=1 << 20)
+
+    assert asyncio.run(go()).read_bytes() == data
+    assert requests[-1].headers["Authorization"] == AUTH["Authorization"]
+    assert leftovers(tmp_path) == ["m.bin"]

@@ -12,7 +12,9 @@ only then fsynced and renamed into place. So a file under ``artifacts/<job_id>/`
   rehashes it from disk and resumes from its end.
 - Writing and hashing happen in one worker thread (``hashlib`` and ``write`` release the GIL), fed in batches of
   ``chunk_size`` bytes with at most :data:`_MAX_PENDING` batches in flight, so the event loop keeps reading the
-  socket meanwhile and memory stays flat whatever the file's size.
+  socket meanwhile and memory stays flat whatever the file's size. Each batch is joined into one buffer so the
+  worker does one hash update and one write per batch, and the download's HTTP/1.1 connection reads up to
+  :data:`_READ_SIZE` bytes per socket read instead of httpcore's 64 KiB (``benchmarks/bench_download.py``).
 - Request headers (the runner's bearer token) never go into a file, a log line or an exception; URLs are recorded
   without query string or user info.
 """
@@ -29,12 +31,13 @@ import re
 import struct
 import tempfile
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
+import httpcore
 import httpx
 
 from trainorch_jupyter.model import ArtifactInfo, IntegrityError, RunnerError, utcnow
@@ -69,6 +72,7 @@ _RESUME_BACKOFF_MAX_S = 5.0
 _LOCK_POLL_S = 0.2
 _LOCK_TIMEOUT_S = 3600.0
 _HASH_BLOCK = 1 << 20
+_READ_SIZE = 256 << 10  # bytes per socket read asked of httpcore on the download's connection (its default: 64 KiB)
 _RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 _SECRET_KEY_RE = re.compile(r"(token|secret|password|passwd|api[_-]?key|authorization|credential)", re.IGNORECASE)
 
@@ -269,12 +273,12 @@ class _Sink:
         self._pending: deque[asyncio.Future[None]] = deque()
 
     def _work(self, chunks: list[bytes]) -> None:
-        update = self.hasher.update
-        write = self.f.write
-        for c in chunks:
-            update(c)
-            write(c)
-            self.done += len(c)
+        # One contiguous buffer per batch: one hash update and one write, so this thread gives up and takes back the
+        # GIL twice per batch rather than twice per chunk (each take-back waits for the busy event loop thread).
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self.hasher.update(data)
+        self.f.write(data)
+        self.done += len(data)
 
     async def put(self, chunks: list[bytes]) -> None:
         if not _HASH_IN_THREAD:  # the slower alternative, kept for the benchmark's comparison
@@ -504,27 +508,68 @@ async def _stream_once(http: httpx.AsyncClient, url: str, headers: Mapping[str, 
         batch: list[bytes] = []
         batched = 0
         received = have
-        try:
-            async for chunk in resp.aiter_bytes():
-                received += len(chunk)
-                if received > expected_size:
-                    raise _Mismatch(None, received, f"the server sent more than {expected_size} bytes")
-                batch.append(chunk)
-                batched += len(chunk)
-                if batched >= chunk_size:
+        # The loop thread's share per chunk: httpcore reads one socket chunk (up to _READ_SIZE bytes) and h11 copies
+        # it a few times; hashing and writing happen in the sink's thread.
+        with _larger_reads(resp):
+            try:
+                async for chunk in resp.aiter_bytes():
+                    received += len(chunk)
+                    if received > expected_size:
+                        raise _Mismatch(None, received, f"the server sent more than {expected_size} bytes")
+                    batch.append(chunk)
+                    batched += len(chunk)
+                    if batched >= chunk_size:
+                        await sink.put(batch)
+                        batch, batched = [], 0
+                        if progress is not None:
+                            progress(received, expected_size)
+            except httpx.TransportError:
+                # Bytes received before a lost connection are good bytes: keep them for the resume.
+                if batch:
                     await sink.put(batch)
-                    batch, batched = [], 0
-                    if progress is not None:
-                        progress(received, expected_size)
-        except httpx.TransportError:
-            # Bytes received before a lost connection are good bytes: keep them for the resume.
-            if batch:
-                await sink.put(batch)
-            raise
+                raise
         if batch:
             await sink.put(batch)
         if progress is not None:
             progress(received, expected_size)
+
+
+def _h11_connection(resp: httpx.Response) -> Any:
+    """The httpcore HTTP/1.1 connection that streams ``resp`` (httpx's default transport), else None."""
+    obj: Any = resp.stream
+    for _ in range(8):
+        if isinstance(obj, httpcore.AsyncHTTP11Connection):
+            return obj
+        obj = next((v for v in (getattr(obj, a, None) for a in ("_stream", "_httpcore_stream", "_connection"))
+                    if v is not None), None)
+        if obj is None:
+            break
+    return None
+
+
+@contextlib.contextmanager
+def _larger_reads(resp: httpx.Response) -> Iterator[None]:
+    """While the body of ``resp`` is read, let httpcore read up to :data:`_READ_SIZE` bytes per socket read.
+
+    httpcore asks its socket stream for 64 KiB at a time, but asyncio's transport hands over up to 256 KiB per
+    ``recv``, which anyio then slices into 64 KiB pieces (copying the rest each time): about 3x the Python work per
+    byte on the loop thread. The setting is an instance attribute of the one connection that streams this response
+    (an HTTP/1.1 connection serves one request at a time) and is put back afterwards; with any other transport
+    (HTTP/2, a mock, a custom one) nothing changes.
+    """
+    conn = _h11_connection(resp) if _READ_SIZE else None
+    if conn is None or not isinstance(conn.READ_NUM_BYTES, int) or conn.READ_NUM_BYTES >= _READ_SIZE:
+        yield
+        return
+    had = vars(conn).get("READ_NUM_BYTES")
+    conn.READ_NUM_BYTES = _READ_SIZE
+    try:
+        yield
+    finally:
+        if had is None:
+            del conn.READ_NUM_BYTES
+        else:
+            conn.READ_NUM_BYTES = had
 
 
 async def _read_small(resp: httpx.Response, limit: int = 4096) -> bytes:
