@@ -43,6 +43,7 @@ class CuttingProxy:
         self._lock = threading.Lock()
         self.cuts = 0
         self.accepted = 0
+        self.delay = 0.0
         threading.Thread(target=self._accept, daemon=True).start()
 
     def proxied(self, url: str) -> str:
@@ -72,6 +73,8 @@ class CuttingProxy:
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
+                if self.delay:
+                    time.sleep(self.delay)  # a slow link
                 dst.sendall(data)
         except OSError:
             pass

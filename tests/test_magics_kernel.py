@@ -102,6 +102,7 @@ def test_cell_magic_yaml_and_toml_specs(tmp_path: Path) -> None:
         "%load_ext trainorch_jupyter",
         yaml_cell,
         toml_cell,
+        "%train submit --wait --name tabbed\t--\tpython -c \"print('tab ok')\"",
         "from trainorch_jupyter import get_orchestrator\n"
         "for j in get_orchestrator().jobs():\n    print(j.spec.name, j.state.value, j.spec.max_runtime, dict(j.spec.env))",
         "print(get_orchestrator().logs(get_orchestrator().job('from-yaml').id))",
@@ -109,10 +110,11 @@ def test_cell_magic_yaml_and_toml_specs(tmp_path: Path) -> None:
     res = run_cells(cells, tmp_path)
     for cell in res:
         assert not errors_of(cell), text_of(cell)
-    listing = text_of(res[3])
+    listing = text_of(res[4])
+    assert "tabbed COMPLETED" in listing
     assert "from-yaml COMPLETED 600.0" in listing
     assert "from-toml COMPLETED" in listing and "'GREETING': 'hi'" in listing
-    assert "yaml job ran" in text_of(res[4])
+    assert "yaml job ran" in text_of(res[5])
 
 
 def test_kernel_dies_mid_run_and_a_new_kernel_reattaches(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from trainorch_jupyter.providers import MachineHandle
 from trainorch_jupyter.providers.local import LocalProvider
 from trainorch_jupyter.store import Store
 
-from .helpers import CuttingProxy, orchestrator, pid_alive, py_command
+from .helpers import CuttingProxy, orchestrator, pid_alive, py_command, wait_for
 
 LINES_AND_FILES = r"""
 import os, sys
@@ -322,3 +322,34 @@ def test_on_done_callbacks_and_webhook(tmp_path: Path) -> None:
     assert done == [JobState.COMPLETED, JobState.COMPLETED]
     assert len(posts) == 1 and posts[0]["state"] == "COMPLETED" and posts[0]["job_id"] == final.id
     assert final.id in posts[0]["text"] and "COMPLETED" in posts[0]["text"]
+
+
+def test_cancel_while_downloading_stops_the_download_and_the_machine(tmp_path: Path) -> None:
+    proxy = CuttingProxy()
+    ProxiedLocal.proxy = proxy
+    code = "import os\nopen(os.environ['TRAINORCH_OUTPUT_DIR'] + '/big.bin', 'wb').write(os.urandom(64 << 20))"
+    try:
+        with orchestrator(tmp_path, providers={"local": ProxiedLocal}) as orch:
+            job = orch.submit({"name": "dlcancel", "command": py_command(code)})
+            wait_for(lambda: job.status is JobState.DOWNLOADING, timeout=60, interval=0.01, what="DOWNLOADING")
+            proxy.delay = 0.02  # about 3 MB/s: the download would take some 20 s
+            time.sleep(0.5)
+            job.cancel()
+            final = job.wait(20)
+            assert final.state is JobState.CANCELLED
+            assert final.artifacts == []
+            dest = tmp_path / "artifacts" / job.id
+            assert not (dest / "big.bin").exists()
+            assert not list(dest.glob(".*.part"))
+            assert not pid_alive(int(final.machine_id or 0))
+    finally:
+        proxy.close()
+
+
+def test_download_of_a_running_job_waits_for_its_end(tmp_path: Path) -> None:
+    code = "import os, time\ntime.sleep(1.5)\nopen(os.environ['TRAINORCH_OUTPUT_DIR'] + '/late.txt', 'w').write('late')"
+    with orchestrator(tmp_path) as orch:
+        job = orch.submit({"name": "early", "command": py_command(code)})
+        infos = job.download().result(60)
+        assert job.status is JobState.COMPLETED
+        assert [(i.name, i.path.read_text()) for i in infos] == [("late.txt", "late")]

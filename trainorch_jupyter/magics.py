@@ -7,6 +7,8 @@ IPython's ``UsageError`` (printed as one line, no traceback) before anything is 
 
 from __future__ import annotations
 
+import contextlib
+import re
 import shlex
 import sys
 import time
@@ -344,13 +346,12 @@ class TrainMagics(Magics):
     def _do_submit(self, rest: str, cell: str | None) -> Any:
         command: list[str] | None = None
         opts = rest
-        tokens = rest.split()
-        if "--" in tokens:
+        sep = re.search(r"(?:^|\s)--(?:\s|$)", rest)
+        if sep is not None:
             # Split on the first standalone "--": options before, the command after.
-            idx = f" {rest} ".find(" -- ")
-            opts = rest[: max(0, idx)]
+            opts = rest[: sep.start()]
             try:
-                command = shlex.split(rest[idx + 3:].strip())
+                command = shlex.split(rest[sep.end():].strip())
             except ValueError as exc:
                 raise UsageError(f"%train submit: the command after -- is not valid shell words: {exc}") from None
             if not command:
@@ -395,10 +396,11 @@ class TrainMagics(Magics):
     def _follow(self, handle: JobHandle, tail: int | None) -> None:
         """Print the log as it grows until the job ends; Ctrl-C stops following, not the job."""
         path = handle.log_path
-        text = handle.logs(tail=tail)
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        # One read of the log as it is now, and follow from exactly where that read ended: lines the
+        # job writes in between are printed once (neither lost nor doubled).
         pos = path.stat().st_size if path.exists() else 0
+        sys.stdout.write(_read_upto(path, pos, tail))
+        sys.stdout.flush()
         try:
             while True:
                 done = handle.status.is_terminal
@@ -475,10 +477,30 @@ class TrainMagics(Magics):
         elif widgets._has_widget_frontend():
             from IPython.display import display
 
-            display(widgets.JobPanel(self.orch, handle.id, log_lines=args.log_lines))
+            panel = widgets.JobPanel(self.orch, handle.id, log_lines=args.log_lines)
+            widgets.track_cell_view(panel)
+            display(panel)
         else:
             print(widgets.text_summary(handle))
         return None
+
+
+def _read_upto(path: Path, size: int, tail: int | None, block: int = 64 * 1024) -> str:
+    """The first ``size`` bytes of the file, or only the last ``tail`` lines of them."""
+    if size <= 0 or (tail is not None and tail <= 0):
+        return ""
+    with open(path, "rb") as fh:
+        if tail is None:
+            data = fh.read(size)
+        else:
+            pos, data = size, b""
+            while pos > 0 and data.count(b"\n") <= tail:
+                step = min(block, pos)
+                pos -= step
+                fh.seek(pos)
+                data = fh.read(step) + data
+            data = b"".join(data.splitlines(keepends=True)[-tail:])
+    return data.decode("utf-8", errors="replace")
 
 
 def _check_state(state: str | None) -> JobState | None:
@@ -502,9 +524,14 @@ def _display_handle(handle: JobHandle) -> None:
 
 def load_ipython_extension(ipython: Any) -> None:
     ipython.register_magics(TrainMagics)
-    if _widgets() is not None:  # a live panel in a notebook, a text summary in a terminal
+    widgets = _widgets()
+    if widgets is not None:  # a live panel in a notebook, a text summary in a terminal
         formatter = ipython.display_formatter.ipython_display_formatter
         formatter.for_type(JobHandle, _display_handle)
+        # A cell that runs again closes the panels its earlier run showed (their output is gone).
+        with contextlib.suppress(ValueError):
+            ipython.events.unregister("pre_run_cell", widgets.close_cell_views)
+        ipython.events.register("pre_run_cell", widgets.close_cell_views)
     # Re-attach to the workspace's unfinished jobs now (a restarted kernel loses no job).
     get_orchestrator()
 
@@ -512,3 +539,7 @@ def load_ipython_extension(ipython: Any) -> None:
 def unload_ipython_extension(ipython: Any) -> None:
     formatter = ipython.display_formatter.ipython_display_formatter
     formatter.type_printers.pop(JobHandle, None)
+    widgets = _widgets()
+    if widgets is not None:
+        with contextlib.suppress(ValueError):
+            ipython.events.unregister("pre_run_cell", widgets.close_cell_views)

@@ -115,11 +115,14 @@ class Orchestrator:
         self._subscribers: list[tuple[str | None, Callable[[Event], None]]] = []
         self._sub_lock = threading.Lock()
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[Any]] = set()
+        self._downloading: dict[str, asyncio.Task[list[ArtifactInfo]]] = {}
         self._cancel_requested: set[str] = set()
         self._done_events: dict[str, threading.Event] = {}
         self._done_callbacks: dict[str, list[Callable[[Job], None]]] = {}
         self._jobs: dict[str, Job] = {}  # the live record of jobs this orchestrator drives
+        self._done_lock = threading.Lock()  # guards _done_callbacks (appended off the loop, run on it)
+        self._download_locks: dict[str, asyncio.Lock] = {}  # one on-demand download of a job at a time
         self._closed = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, name="trainorch-orchestrator", daemon=True)
@@ -198,6 +201,8 @@ class Orchestrator:
             for t in followed.values():
                 t.cancel()
             await asyncio.gather(*followed.values(), self._lease_task, return_exceptions=True)
+            if self._background:  # a cancel (or webhook) still on its way: give it a moment
+                await asyncio.wait(set(self._background), timeout=min(5.0, timeout / 2))
             for job_id in followed:
                 self.store.release(job_id, self.owner)
             for p in self._providers.values():
@@ -294,20 +299,38 @@ class Orchestrator:
         await self._bridge(self._cancel(job_id))
 
     async def _cancel(self, job_id: str) -> None:
+        """Record the request and tell the runner in the background: the caller (often the kernel's
+        main thread) never waits on the network, and an unreachable runner gets the cancel once it
+        answers again instead of the request being dropped."""
         job = self.get(job_id)
         if job.state.is_terminal:
             return
         self._cancel_requested.add(job_id)
         if job.runner_url and job.state in (JobState.RUNNING, JobState.PROVISIONING):
-            token = self.store.runner_token(job_id)
+            token = await asyncio.to_thread(self.store.runner_token, job_id)
             if token:
                 client = RunnerClient(job.runner_url, token, http=self._http)
-                with contextlib.suppress(RunnerError, httpx.HTTPError):
-                    await client.cancel()
+                sender = asyncio.create_task(self._send_cancel(job_id, client))
+                self._background.add(sender)
+                sender.add_done_callback(self._background.discard)
+        download = self._downloading.get(job_id)
+        if download is not None:  # stop the download: the machine is terminated right after
+            download.cancel()
         task = self._tasks.get(job_id)
         if task is None and job.state is JobState.PENDING and self.store.claim(job_id, self.owner, LEASE_S):
             # Nobody drives it (it never started): end it here.
             await self._finish(job, JobState.CANCELLED, error=None)
+
+    async def _send_cancel(self, job_id: str, client: RunnerClient) -> None:
+        async def once() -> dict[str, Any]:
+            if self.get(job_id).state.is_terminal:  # it ended meanwhile (its machine may be gone)
+                return {}
+            return await client.cancel()
+
+        try:
+            await self._persist(f"cancelling job {job_id}", once)
+        except Exception as exc:  # the runner said no, or stayed unreachable: the driver's follow decides
+            log.warning("could not send the cancel of job %s to its machine: %s", job_id, exc)
 
     def wait(self, job_id: str, timeout: float | None = None) -> Job:
         """Block until the job is terminal; TimeoutError if still live after ``timeout`` seconds."""
@@ -332,11 +355,14 @@ class Orchestrator:
         return await asyncio.to_thread(self.wait, job_id, timeout)
 
     def on_done(self, job_id: str, fn: Callable[[Job], None]) -> None:
+        # Register first, then look: a job that ends in between has either already run its callbacks
+        # (then we see it terminal and run what is left) or runs ours itself. Never lost, never twice.
+        with self._done_lock:
+            self._done_callbacks.setdefault(job_id, []).append(fn)
         job = self.get(job_id)
         if job.state.is_terminal:
-            self.call_soon(lambda: fn(job))
+            self.call_soon(lambda: self._run_done_callbacks(job))
             return
-        self._done_callbacks.setdefault(job_id, []).append(fn)
         if job_id not in self._tasks:  # followed elsewhere: watch the store
             self._submit(self._watch_store_until_done(job_id))
 
@@ -428,8 +454,7 @@ class Orchestrator:
                 await self._follow(job, client)
                 outcome = await self._conclude(job, client)
             if job.state is JobState.DOWNLOADING:
-                dest = self.artifacts_dir / job.id
-                await self._persist("downloading artifacts", lambda: self._download_from(job, client, dest))
+                await self._auto_download(job, client)
                 outcome = Outcome(JobState.COMPLETED)
         except asyncio.CancelledError:
             # The orchestrator is closing: leave the machine to the next orchestrator (re-attach).
@@ -449,6 +474,26 @@ class Orchestrator:
                 await self._finish(job, outcome.state, error=outcome.error, timed_out=outcome.timed_out)
                 self._jobs.pop(job.id, None)
                 await asyncio.to_thread(self.store.release, job.id, self.owner)
+
+    async def _auto_download(self, job: Job, client: RunnerClient) -> None:
+        """The DOWNLOADING phase; a cancel stops it (JobCancelled) so the machine goes at once."""
+        self._check_cancel(job)
+        dest = self.artifacts_dir / job.id
+        download = asyncio.create_task(self._persist("downloading artifacts",
+                                                     lambda: self._download_from(job, client, dest)))
+        self._downloading[job.id] = download
+        try:
+            await download
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if job.id in self._cancel_requested and (current is None or not current.cancelling()):
+                for part in dest.glob(".*.part"):  # half-downloaded files are of no use now
+                    part.unlink(missing_ok=True)
+                raise JobCancelled(job.id) from None
+            download.cancel()
+            raise
+        finally:
+            self._downloading.pop(job.id, None)
 
     async def _provision(self, job: Job, provider: Provider) -> MachineHandle:
         if job.state is JobState.PENDING:
@@ -687,7 +732,15 @@ class Orchestrator:
         return infos
 
     async def _download(self, job_id: str, to: Path | None) -> list[ArtifactInfo]:
-        """On-demand download: verified files into ``to`` (default artifacts/<job_id>/)."""
+        """On-demand download: verified files into ``to`` (default artifacts/<job_id>/).
+
+        One at a time per job: two at once would serve the finished job's files from two runners on
+        one state dir (the second refuses to start) and write the same destination twice."""
+        lock = self._download_locks.setdefault(job_id, asyncio.Lock())
+        async with lock:
+            return await self._download_locked(job_id, to)
+
+    async def _download_locked(self, job_id: str, to: Path | None) -> list[ArtifactInfo]:
         job = self.get(job_id)
         dest = (to or self.artifacts_dir / job_id).resolve()
         have = await asyncio.to_thread(self.store.artifacts, job_id)
@@ -700,11 +753,10 @@ class Orchestrator:
                 if dest != (self.artifacts_dir / job_id).resolve():
                     return await asyncio.to_thread(_copy_verified, local, dest)
                 return local
-        if job.state.is_live and job.state is not JobState.DOWNLOADING:
-            raise TrainorchError(f"job {job_id} is {job.state.value}; its files can be downloaded once it has finished")
-        if job.state is JobState.DOWNLOADING and job_id in self._tasks:
+        if job.state.is_live:
+            # A live job's files are not final: wait for its end (its own download, when it has one).
             await self._wait_terminal(job_id)
-            return await self._download(job_id, to)
+            return await self._download_locked(job_id, to)
         if job.exit_code not in (0, None) and job.state is JobState.FAILED and job.runner_url is None:
             raise TrainorchError(f"job {job_id} failed before it produced files")
         token = await asyncio.to_thread(self.store.runner_token, job_id)
@@ -741,7 +793,9 @@ class Orchestrator:
         ev = self._done_events.get(job.id)
         if ev is not None:
             ev.set()
-        for fn in self._done_callbacks.pop(job.id, []):
+        with self._done_lock:
+            callbacks = self._done_callbacks.pop(job.id, [])
+        for fn in callbacks:
             try:
                 fn(job)
             except Exception:

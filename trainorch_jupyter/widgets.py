@@ -728,6 +728,8 @@ class JobPanel(ipywidgets.VBox, _View):
         self._artifacts: list[ArtifactInfo] = []
         self._action: str = ""  # the controls' status line
         self._confirming = False
+        self._cancel_sent = False  # Cancel stays disabled once confirmed (the job ends shortly)
+        self._downloading = False  # Download stays disabled while one runs
         self._notified_terminal = False
         self._seen_views = False
 
@@ -915,13 +917,14 @@ class JobPanel(ipywidgets.VBox, _View):
     def _sync_controls(self) -> None:
         state = self._job.state
         terminal = state.is_terminal
+        no_cancel = terminal or self._cancel_sent
         with self.cancel_button.hold_sync():
-            if self.cancel_button.disabled != terminal:
-                self.cancel_button.disabled = terminal
+            if self.cancel_button.disabled != no_cancel:
+                self.cancel_button.disabled = no_cancel
         _hide(self.cancel_button, self._confirming and not terminal)
         _hide(self.confirm_button, not self._confirming or terminal)
         _hide(self.keep_button, not self._confirming or terminal)
-        can_download = bool(self._artifacts) or state is JobState.COMPLETED
+        can_download = (bool(self._artifacts) or state is JobState.COMPLETED) and not self._downloading
         if self.download_button.disabled == can_download:
             self.download_button.disabled = not can_download
 
@@ -1062,7 +1065,7 @@ class JobPanel(ipywidgets.VBox, _View):
         self._scheduler.poke()
 
     def _on_cancel(self, _button: Any = None) -> None:
-        if self._job.state.is_terminal:
+        if self._job.state.is_terminal or self._cancel_sent:
             return
         with self._lock:
             self._confirming = True
@@ -1077,9 +1080,11 @@ class JobPanel(ipywidgets.VBox, _View):
 
     def _on_confirm(self, _button: Any = None) -> None:
         with self._lock:
+            if self._cancel_sent:
+                return
             self._confirming = False
+            self._cancel_sent = True
             self._sync_controls()
-            self.cancel_button.disabled = True
         self._set_action("<span style='font-size:12px'>cancelling\u2026</span>")
 
         def work() -> None:
@@ -1087,27 +1092,37 @@ class JobPanel(ipywidgets.VBox, _View):
                 self._orch.cancel(self.job_id)
                 self._set_action("<span style='font-size:12px'>cancel requested</span>")
             except Exception as exc:
+                with self._lock:
+                    self._cancel_sent = False  # let the user try again
                 self._set_action(f"<span style='color:#dc2626;font-size:12px'>cancel failed: {_esc(exc)}</span>")
 
         threading.Thread(target=work, name=f"trainorch-cancel-{self.job_id}", daemon=True).start()
 
     def _on_download(self, _button: Any = None) -> None:
-        self.download_button.disabled = True
+        with self._lock:
+            if self._downloading:
+                return
+            self._downloading = True
+            self._sync_controls()
         self._set_action("<span style='font-size:12px'>downloading\u2026</span>")
 
         def work() -> None:
+            infos: list[ArtifactInfo] | None = None
             try:
-                infos = self._orch.download(self.job_id).result()
-                with self._lock:
-                    self._artifacts = list(infos)
-                    self._mark("artifacts", "header")
-                folder = Path(infos[0].path).parent if infos else ""
-                self._set_action(f"<span style='font-size:12px;color:#16a34a'>\u2714 {len(infos)} file(s) verified in "
-                                 f"<code>{_esc(folder)}</code></span>")
+                infos = list(self._orch.download(self.job_id).result())
             except Exception as exc:
-                self._set_action(f"<span style='color:#dc2626;font-size:12px'>download failed: {_esc(exc)}</span>")
-            finally:
-                self.download_button.disabled = False
+                text = f"<span style='color:#dc2626;font-size:12px'>download failed: {_esc(exc)}</span>"
+            else:
+                folder = Path(infos[0].path).parent if infos else ""
+                text = (f"<span style='font-size:12px;color:#16a34a'>\u2714 {len(infos)} file(s) verified in "
+                        f"<code>{_esc(folder)}</code></span>")
+            with self._lock:
+                if infos is not None:
+                    self._artifacts = infos
+                    self._mark("artifacts", "header")
+                self._downloading = False
+                self._sync_controls()
+            self._set_action(text)
 
         threading.Thread(target=work, name=f"trainorch-download-{self.job_id}", daemon=True).start()
 
@@ -1195,7 +1210,14 @@ class Dashboard(ipywidgets.VBox, _View):
         self._notices: deque[tuple[float, str, JobState]] = deque(maxlen=5)
         self.panel: JobPanel | None = None
 
-        providers = sorted(set(getattr(orchestrator, "provider_names", []) or []) | {"local"})
+        # Installed providers, those of the workspace's jobs (one may be uninstalled since) and the one
+        # asked for: a filter is never silently dropped for lack of an option.
+        try:
+            job_providers = {j.provider for j in orchestrator.jobs()}
+        except Exception:
+            job_providers = set()
+        providers = sorted(set(getattr(orchestrator, "provider_names", []) or []) | {"local"} | job_providers
+                           | ({provider} if provider else set()))
         self.state_filter = ipywidgets.Dropdown(options=[("all states", "")] + [(s.value, s.value) for s in JobState],
                                                 value=(state.upper() if state else ""), description="state",
                                                 layout=ipywidgets.Layout(width="220px"))
@@ -1434,12 +1456,58 @@ def _has_widget_frontend() -> bool:
     return ip is not None and getattr(ip, "kernel", None) is not None
 
 
+# Views shown by each notebook cell (by the frontend's cellId). When a cell runs again the frontend
+# clears its output; its old views would stay subscribed to every event of their job(s) and keep
+# being flushed, so they are closed then (IPython's pre_run_cell hook, registered on %load_ext).
+_cell_views: dict[str, list[weakref.ref[ipywidgets.Widget]]] = {}
+_cell_lock = threading.Lock()
+
+
+def _current_cell_id() -> str | None:
+    try:
+        from IPython import get_ipython
+
+        kernel = getattr(get_ipython(), "kernel", None)
+        parent = kernel.get_parent() if kernel is not None else None
+        cell_id = (parent or {}).get("metadata", {}).get("cellId")
+    except Exception:
+        return None
+    return str(cell_id) if cell_id else None
+
+
+def track_cell_view(view: ipywidgets.Widget) -> None:
+    """Remember that the running cell shows ``view`` (closed when that cell runs again)."""
+    cell_id = _current_cell_id()
+    if cell_id is None:
+        return
+    with _cell_lock:
+        refs = [r for r in _cell_views.get(cell_id, []) if r() is not None]
+        refs.append(weakref.ref(view))
+        _cell_views[cell_id] = refs
+
+
+def close_cell_views(info: Any) -> None:
+    """IPython ``pre_run_cell`` hook: close the views an earlier run of this cell showed."""
+    cell_id = getattr(info, "cell_id", None)
+    if not cell_id:
+        return
+    with _cell_lock:
+        refs = _cell_views.pop(str(cell_id), [])
+    for ref in refs:
+        view = ref()
+        if view is not None:
+            with contextlib.suppress(Exception):
+                view.close()
+
+
 def display_job(handle: Any) -> None:
     """Show a job: a live :class:`JobPanel` when a widget frontend is there, a text summary otherwise."""
     if _has_widget_frontend():
         from IPython.display import display
 
-        display(JobPanel(handle.orchestrator, handle.id))
+        panel = JobPanel(handle.orchestrator, handle.id)
+        track_cell_view(panel)
+        display(panel)
     else:
         print(text_summary(handle))
 
@@ -1449,7 +1517,9 @@ def display_dashboard(orchestrator: Any, **filters: Any) -> None:
     if _has_widget_frontend():
         from IPython.display import display
 
-        display(Dashboard(orchestrator, state=filters.get("state"), provider=filters.get("provider")))
+        board = Dashboard(orchestrator, state=filters.get("state"), provider=filters.get("provider"))
+        track_cell_view(board)
+        display(board)
         return
     jobs = orchestrator.jobs()
     state, provider = filters.get("state"), filters.get("provider")

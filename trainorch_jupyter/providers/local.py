@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .._process import pid_alive
-from ..model import Job, JobSpec, ProviderError, SpecError
+from ..model import SECRET_ENV_KEYS, Job, JobSpec, ProviderError, SpecError
 from . import Bootstrap, MachineHandle, MachineStatus, PollResult, Provider
 
 RUNNER_FILE = Path(__file__).resolve().parent.parent / "runner.py"
@@ -66,8 +66,8 @@ class LocalProvider(Provider):
         info_path = state_dir / "runner.json"
         info_path.unlink(missing_ok=True)
         env = dict(os.environ)
-        for key in ("RUNPOD_API_KEY", "LAMBDA_API_KEY", "VAST_API_KEY"):
-            env.pop(key, None)  # the job never sees the user's provider keys
+        for key in (*SECRET_ENV_KEYS, "TRAINORCH_WEBHOOK_URL"):
+            env.pop(key, None)  # the job never sees the user's provider keys or notification URL
         env["TRAINORCH_RUNNER_TOKEN"] = token
         cmd = [sys.executable, str(RUNNER_FILE), "--state-dir", str(state_dir), "--host", "127.0.0.1",
                "--port", "0", "--idle-timeout", str(idle_timeout_s)]
