@@ -353,3 +353,37 @@ def test_download_of_a_running_job_waits_for_its_end(tmp_path: Path) -> None:
         infos = job.download().result(60)
         assert job.status is JobState.COMPLETED
         assert [(i.name, i.path.read_text()) for i in infos] == [("late.txt", "late")]
+
+
+def test_orchestrator_enforces_its_own_deadline_when_the_runner_does_not(tmp_path: Path) -> None:
+    with orchestrator(tmp_path) as orch:
+        # The runner's limit is 60 s; the orchestrator's own deadline (max runtime + slack) comes first here.
+        orch.runtime_slack_s = -54.0
+        t0 = time.monotonic()
+        job = orch.submit({"name": "hung", "max_runtime": 60, "command": py_command(
+            "import time\nprint('up', flush=True)\ntime.sleep(600)")})
+        final = job.wait(60)
+        took = time.monotonic() - t0
+    assert final.state is JobState.FAILED
+    assert "stopped by the orchestrator" in (final.error or "")
+    assert final.diagnosis is not None and final.diagnosis["cause"] == "max_runtime_exceeded"
+    assert took < 40
+    assert not pid_alive(int(final.machine_id or 0))
+
+
+def test_a_machine_that_disappears_fails_the_job_quickly(tmp_path: Path) -> None:
+    import os
+    import signal
+
+    with orchestrator(tmp_path) as orch:
+        job = orch.submit({"name": "vanish", "command": py_command("import time\nprint('up', flush=True)\ntime.sleep(600)")})
+        wait_for(lambda: job.status is JobState.RUNNING and "up" in job.logs(), timeout=30)
+        status = json.loads((tmp_path / ".trainorch" / "machines" / job.id / "status.json").read_text())
+        os.kill(int(job.record.machine_id or 0), signal.SIGKILL)  # the machine dies without a word
+        t0 = time.monotonic()
+        final = job.wait(60)
+        took = time.monotonic() - t0
+    assert final.state is JobState.FAILED
+    assert "gone" in (final.error or "")
+    assert took < 30  # not the 180 s unreachable timeout
+    assert not pid_alive(int(status["pid"]))  # the orphaned command was stopped too

@@ -54,6 +54,10 @@ TERMINATE_RETRY_S = 30.0
 TERMINATE_GIVE_UP_S = 15 * 60.0
 #: How long the runner may stay unreachable (network blips, a proxy cutting requests) before a job fails.
 UNREACHABLE_TIMEOUT_S = 180.0
+#: How often (at most) a job's provider is asked whether its machine still exists while the runner is unreachable.
+MACHINE_CHECK_S = 5.0
+#: The orchestrator ends a job this long past its max runtime if the runner has not (it should, first).
+RUNTIME_SLACK_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,10 @@ class Outcome:
     state: JobState
     error: str | None = None
     timed_out: bool = False
+
+
+class DeadlineExceeded(TrainorchError):
+    """The orchestrator's own deadline on a job's run passed."""
 
 
 class JobCancelled(TrainorchError):
@@ -117,6 +125,8 @@ class Orchestrator:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._downloading: dict[str, asyncio.Task[list[ArtifactInfo]]] = {}
+        self._machines: dict[str, tuple[Provider, MachineHandle]] = {}  # jobs driven here, once launched
+        self.runtime_slack_s = RUNTIME_SLACK_S
         self._cancel_requested: set[str] = set()
         self._done_events: dict[str, threading.Event] = {}
         self._done_callbacks: dict[str, list[Callable[[Job], None]]] = {}
@@ -445,6 +455,7 @@ class Orchestrator:
                 handle = await self._resume_handle(job, provider)
             if handle is None:
                 handle = await self._provision(job, provider)
+            self._machines[job.id] = (provider, handle)
             token = await asyncio.to_thread(self.store.runner_token, job.id)
             assert token is not None
             client = RunnerClient(str(job.runner_url), token, http=self._http)
@@ -462,10 +473,13 @@ class Orchestrator:
             raise
         except JobCancelled:
             outcome = Outcome(JobState.CANCELLED)
+        except DeadlineExceeded as exc:
+            outcome = Outcome(JobState.FAILED, str(exc), timed_out=True)
         except Exception as exc:
             log.debug("job %s failed", job.id, exc_info=True)
             outcome = Outcome(JobState.FAILED, _describe(exc))
         finally:
+            self._machines.pop(job.id, None)
             if not detached:
                 if provider is not None and handle is not None:
                     await self._terminate(provider, handle, job)
@@ -480,7 +494,7 @@ class Orchestrator:
         self._check_cancel(job)
         dest = self.artifacts_dir / job.id
         download = asyncio.create_task(self._persist("downloading artifacts",
-                                                     lambda: self._download_from(job, client, dest)))
+                                                     lambda: self._download_from(job, client, dest), job.id))
         self._downloading[job.id] = download
         try:
             await download
@@ -553,7 +567,7 @@ class Orchestrator:
         spec = job.spec
         for name, path in spec.all_inputs():
             self._check_cancel(job)
-            await self._persist(f"uploading {name}", functools.partial(client.upload_input, name, path))
+            await self._persist(f"uploading {name}", functools.partial(client.upload_input, name, path), job.id)
         self._check_cancel(job)
 
         async def start_once() -> None:
@@ -568,7 +582,7 @@ class Orchestrator:
                 if exc.status != 409:
                     raise
 
-        await self._persist("starting the command", start_once)
+        await self._persist("starting the command", start_once, job.id)
         await self._set_state(job, JobState.RUNNING)
 
     async def _resume_handle(self, job: Job, provider: Provider) -> MachineHandle | None:
@@ -584,10 +598,14 @@ class Orchestrator:
             return handle
         raise ProviderError(job.provider, f"the machine {job.machine_id} was lost while the orchestrator was away ({result.detail or result.status.value})")
 
-    async def _persist(self, what: str, fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    async def _persist(self, what: str, fn: Callable[[], Coroutine[Any, Any, T]], job_id: str | None = None) -> T:
         """Call ``fn`` until it succeeds, riding out a runner that is unreachable for a while.
-        A 4xx answer is final; transport errors and 5xx are retried up to UNREACHABLE_TIMEOUT_S."""
+
+        A 4xx answer is final; transport errors and 5xx are retried up to UNREACHABLE_TIMEOUT_S. With
+        ``job_id``, the job's provider is asked (at most every MACHINE_CHECK_S) whether the machine
+        still exists, so a machine that is gone fails the job at once instead of after the timeout."""
         since: float | None = None
+        checked = 0.0
         delay = 0.25
         while True:
             try:
@@ -602,6 +620,14 @@ class Orchestrator:
             since = since or now
             if now - since > self.unreachable_timeout_s:
                 raise RunnerError(f"{what}: the runner was unreachable for {now - since:.0f}s ({error})")
+            machine = self._machines.get(job_id) if job_id else None
+            if machine is not None and now - checked >= MACHINE_CHECK_S:
+                checked = now
+                provider, handle = machine
+                result = await provider.poll(handle)
+                if result.status in (MachineStatus.GONE, MachineStatus.FAILED):
+                    raise ProviderError(provider.name, f"{what}: the machine {handle.machine_id} is "
+                                        f"{result.status.value} ({result.detail or 'no detail'})")
             log.debug("%s: %s; retrying in %.2fs", what, error, delay)
             await asyncio.sleep(delay)
             delay = min(5.0, delay * 2)
@@ -614,7 +640,7 @@ class Orchestrator:
         async def follow_logs() -> None:
             offset = log_offset
             while True:
-                chunk = await self._persist("reading logs", functools.partial(client.read_logs, offset, wait=20.0))
+                chunk = await self._persist("reading logs", functools.partial(client.read_logs, offset, wait=20.0), job.id)
                 if chunk.data or chunk.next_offset != offset:
                     await asyncio.to_thread(self.store.append_log, job.id, chunk.data, chunk.next_offset)
                     offset = chunk.next_offset
@@ -626,7 +652,8 @@ class Orchestrator:
         async def follow_metrics() -> None:
             offset = metrics_offset
             while True:
-                chunk = await self._persist("reading metrics", functools.partial(client.read_metrics, offset, wait=20.0))
+                chunk = await self._persist("reading metrics", functools.partial(client.read_metrics, offset, wait=20.0),
+                                            job.id)
                 if chunk.metrics or chunk.next_offset != offset:
                     await asyncio.to_thread(self.store.append_metrics, job.id, chunk.metrics, chunk.next_offset)
                     offset = chunk.next_offset
@@ -635,11 +662,23 @@ class Orchestrator:
                 if chunk.complete:
                     return
 
-        await asyncio.gather(follow_logs(), follow_metrics())
+        # The runner enforces max_runtime itself; this deadline is the orchestrator's own, for a runner
+        # that cannot (hung, or its clock wrong): a wait with no end would leave a paid machine running.
+        started = job.started_at or utcnow()
+        left = job.spec.max_runtime + self.runtime_slack_s - (utcnow() - started).total_seconds()
+        try:
+            # At least a few seconds: a job re-attached late may have ended in time and only needs draining.
+            await asyncio.wait_for(asyncio.gather(follow_logs(), follow_metrics()), timeout=max(5.0, left))
+        except TimeoutError:
+            with contextlib.suppress(RunnerError, httpx.HTTPError):
+                await client.cancel(grace_s=5.0)
+            raise DeadlineExceeded(
+                f"stopped by the orchestrator {self.runtime_slack_s:.0f}s past the max runtime of "
+                f"{job.spec.max_runtime:.0f}s (the runner did not end the job)") from None
 
     async def _conclude(self, job: Job, client: RunnerClient) -> Outcome | None:
         """The outcome of a command that exited, or None when its files are to be downloaded."""
-        status = await self._persist("reading the status", client.status)
+        status = await self._persist("reading the status", client.status, job.id)
         exit_code = status.get("exit_code")
         job.exit_code = exit_code if isinstance(exit_code, int) else None
         if status.get("cancelled") and not status.get("timed_out"):
