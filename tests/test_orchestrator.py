@@ -150,6 +150,7 @@ def test_bad_spec_writes_nothing(tmp_path: Path) -> None:
             ({"name": "x", "provider": "moon", "command": ["true"]}, "provider"),
             ({"name": "x", "command": ["true"], "inputs": [str(tmp_path / "missing")]}, "inputs[0]"),
             ({"name": "x", "command": ["true"], "resources": {"max_price_per_hour": 2.0}}, "resources.max_price_per_hour"),
+            ({"name": "x", "command": ["true"], "resources": {"gpu": "A100 80GB"}}, "resources.gpu"),
         ]:
             with pytest.raises(SpecError) as info:
                 orch.submit(bad)

@@ -47,8 +47,13 @@ class LocalProvider(Provider):
         return self.workspace / ".trainorch" / "machines" / job_id
 
     def validate(self, spec: JobSpec) -> None:
-        if spec.resources.max_price_per_hour is not None:
+        r = spec.resources
+        if r.max_price_per_hour is not None:
             raise SpecError("resources.max_price_per_hour", "does not apply to the local provider (it costs nothing)")
+        for name in ("gpu", "region", "image"):
+            if getattr(r, name) is not None:
+                raise SpecError(f"resources.{name}", "does not apply to the local provider: it runs on this machine "
+                                "as it is (choose a cloud provider to pick a GPU, region or image)")
 
     async def launch(self, job: Job, bootstrap: Bootstrap) -> MachineHandle:
         state_dir = self.state_dir(job.id)
