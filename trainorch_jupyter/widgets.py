@@ -4,9 +4,15 @@ Only this module imports ipywidgets. It builds on the orchestrator's public API 
 
 How updates reach the browser without hurting the kernel
 ---------------------------------------------------------
-* Orchestrator events (log lines, metrics, state changes) arrive on the orchestrator's loop thread.
-  The callbacks only append to bounded buffers and set dirty flags under a lock: no widget is touched
-  there.
+* Orchestrator events (log lines, metrics, state changes) arrive on the orchestrator's loop thread,
+  which drives every job. A callback only hands the event over: it appends it to the view's inbox
+  (or folds a metric into a per-job summary) under the view's ``_lock``, which nothing ever holds
+  for more than such O(1) work, and returns. It never touches a widget, the store, or a lock held
+  across I/O, rendering or a comm message (``_model_lock``): a slow store read (SQLite waiting up
+  to 30 s on another kernel's write) or a slow comm message cannot stall the jobs.
+* The flusher thread drains the inboxes into each view's model and renders, under ``_model_lock``.
+  Store reads happen at construction (on the caller's thread) or, for the dashboard, on its own
+  worker thread, once per job.
 * One flusher thread per process (:class:`_Scheduler`) wakes ~10 times a second and lets each view
   (panel or dashboard) turn its dirty parts into trait values. Every part has a minimum interval
   (a few updates a second per panel), a trait is only set when its value really changed (so only
@@ -84,6 +90,10 @@ CHART_MAX_POINTS = 2000
 MAX_LINE_CHARS = 2000
 #: Rows shown in the dashboard's table.
 DASHBOARD_MAX_ROWS = 100
+#: How long a new dashboard waits for its rows' summaries (read off the loop thread) before its first render.
+DASHBOARD_FIRST_WAIT_S = 1.0
+#: Characters of log events a panel keeps waiting for the flusher before it drops those it could not show.
+PENDING_LOG_CHARS = 4 << 20
 
 STATE_COLORS: dict[JobState, str] = {
     JobState.PENDING: "#6b7280",
@@ -710,18 +720,27 @@ class JobPanel(ipywidgets.VBox, _View):
 
     Its history (metrics, the log's tail, artifacts, state) is read from the store when it is made,
     so a panel of a finished job (or one made after a kernel restart) shows the whole run.
+
+    Locks: ``_lock`` guards only the inbox ``_pending`` (events handed over by the orchestrator's loop
+    thread) and is held for O(1) work; ``_model_lock`` guards everything else (progress, log buffer,
+    job record, controls, widgets) and may be held while rendering and sending; callbacks never take it.
     """
+
+    # The inbox's bound (see _compact_pending); instance values once set.
+    _pending_log_chars = 0
+    _pending_log_limit = PENDING_LOG_CHARS
 
     def __init__(self, orchestrator: Any, job_id: str, *, log_lines: int = 200,
                  scheduler: _Scheduler | None = None, route_clicks: bool = True) -> None:
         self._orch = orchestrator
         self.job_id = job_id
         self.log_lines = log_lines
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()  # the inbox: O(1) work only, taken by the loop thread's callbacks
+        self._model_lock = threading.RLock()  # the model and the widgets: never taken by a callback
         self._scheduler = scheduler or _scheduler
         self._closed = False
         self._loaded = False
-        self._pending: list[Any] = []
+        self._pending: list[Any] = []  # the inbox: events not yet applied
         self._progress = Progress()
         self._logbuf = LogBuffer(log_lines)
         self._job: Job = orchestrator.get(job_id) if hasattr(orchestrator, "get") else orchestrator.store.get(job_id)
@@ -801,15 +820,15 @@ class JobPanel(ipywidgets.VBox, _View):
             artifacts = list(store.artifacts(self.job_id))
         except Exception:
             artifacts = []
-        with self._lock:
+        with self._model_lock:
             for m in metrics:
                 self._progress.add(m)
             if tail:
                 self._logbuf.feed("\n".join(tail) + "\n")
             self._artifacts = artifacts or list(self._job.artifacts)
             seen_metrics = [dict(m) for m in metrics[-50:]]
-            pending, self._pending = self._pending, []
-            self._loaded = True
+            pending = self._take_pending()
+            self._loaded = True  # later events are drained by the flusher (under _model_lock, held here)
             pending_lines: list[str] = []
             for event in pending:
                 # Events that came while the history was read may already be in it: skip those.
@@ -841,15 +860,51 @@ class JobPanel(ipywidgets.VBox, _View):
         return lines[-self.log_lines:]
 
     def _on_event(self, event: Any) -> None:
+        """Runs on the orchestrator's loop thread: hand the event over and return (O(1), never blocks)."""
         with self._lock:
             if self._closed:
                 return
-            if not self._loaded:
-                self._pending.append(event)
-                return
-            self._apply(event.kind, event.data, event.time)
+            self._pending.append(event)
+            if event.kind == "log" and isinstance(event.data, str):
+                self._pending_log_chars += len(event.data)
+                if self._pending_log_chars > self._pending_log_limit:
+                    self._compact_pending()
         if event.kind == "state":
             self._scheduler.poke()
+
+    def _compact_pending(self) -> None:
+        """Drop the pending log text the panel could not show anyway (only the last ``log_lines`` lines
+        are shown). Runs with ``_lock`` held when the flusher fell PENDING_LOG_CHARS behind; the next
+        limit doubles with what is kept, so this is O(1) per character over time."""
+        keep = self.log_lines + 1  # whole lines after the first kept chunk's (maybe cut) first line
+        kept: list[Any] = []
+        lines = chars = 0
+        for event in reversed(self._pending):
+            if event.kind == "log":
+                if lines >= keep:
+                    continue
+                text = str(event.data)
+                lines += text.count("\n")
+                chars += len(text)
+            kept.append(event)
+        kept.reverse()
+        self._pending = kept
+        self._pending_log_chars = chars
+        self._pending_log_limit = max(PENDING_LOG_CHARS, 2 * chars)
+
+    def _take_pending(self) -> list[Any]:
+        with self._lock:
+            pending, self._pending = self._pending, []
+            self._pending_log_chars = 0
+            self._pending_log_limit = PENDING_LOG_CHARS
+        return pending
+
+    def _drain(self) -> None:
+        """Apply the inbox's events to the model (call with ``_model_lock`` held)."""
+        if not self._loaded or not self._pending:
+            return
+        for event in self._take_pending():
+            self._apply(event.kind, event.data, event.time)
 
     def _apply(self, kind: str, data: Any, when: float | None) -> None:
         if kind == "log":
@@ -889,14 +944,17 @@ class JobPanel(ipywidgets.VBox, _View):
     def _wants_flush(self, now: float) -> bool:
         if self._closed:
             return False
-        live = self._job.state.is_live
-        if live and now - self._parts["header"].last >= 1.0:
-            self._parts["header"].dirty = True  # elapsed time and cost tick
-        return any(p.dirty for p in self._parts.values())
+        with self._model_lock:
+            self._drain()
+            live = self._job.state.is_live
+            if live and now - self._parts["header"].last >= 1.0:
+                self._parts["header"].dirty = True  # elapsed time and cost tick
+            return any(p.dirty for p in self._parts.values())
 
     def _flush(self, now: float, budget: Budget) -> None:
-        slow = HIDDEN_INTERVAL_S if self._hidden and self._job.state.is_live else None
-        with self._lock:
+        with self._model_lock:
+            self._drain()
+            slow = HIDDEN_INTERVAL_S if self._hidden and self._job.state.is_live else None
             self._sync_controls()
             for name in ("header", "action", "diagnosis", "artifacts", "log", "chart"):
                 part = self._parts[name]
@@ -904,7 +962,8 @@ class JobPanel(ipywidgets.VBox, _View):
 
     def _flush_all(self, now: float) -> None:
         budget = Budget(math.inf, math.inf)
-        with self._lock:
+        with self._model_lock:
+            self._drain()
             self._sync_controls()
             for part in self._parts.values():
                 part.flush(now, budget, 0.0)
@@ -1059,7 +1118,7 @@ class JobPanel(ipywidgets.VBox, _View):
     # -- controls (run on the subshell's thread when routed, else the main thread) -------------
 
     def _set_action(self, text: str) -> None:
-        with self._lock:
+        with self._model_lock:
             self._action = text
             self._mark("action")
         self._scheduler.poke()
@@ -1067,19 +1126,19 @@ class JobPanel(ipywidgets.VBox, _View):
     def _on_cancel(self, _button: Any = None) -> None:
         if self._job.state.is_terminal or self._cancel_sent:
             return
-        with self._lock:
+        with self._model_lock:
             self._confirming = True
             self._sync_controls()
         self._set_action("<span style='font-size:12px'>Stop this job? Its machine is terminated.</span>")
 
     def _on_keep(self, _button: Any = None) -> None:
-        with self._lock:
+        with self._model_lock:
             self._confirming = False
             self._sync_controls()
         self._set_action("")
 
     def _on_confirm(self, _button: Any = None) -> None:
-        with self._lock:
+        with self._model_lock:
             if self._cancel_sent:
                 return
             self._confirming = False
@@ -1092,14 +1151,14 @@ class JobPanel(ipywidgets.VBox, _View):
                 self._orch.cancel(self.job_id)
                 self._set_action("<span style='font-size:12px'>cancel requested</span>")
             except Exception as exc:
-                with self._lock:
+                with self._model_lock:
                     self._cancel_sent = False  # let the user try again
                 self._set_action(f"<span style='color:#dc2626;font-size:12px'>cancel failed: {_esc(exc)}</span>")
 
         threading.Thread(target=work, name=f"trainorch-cancel-{self.job_id}", daemon=True).start()
 
     def _on_download(self, _button: Any = None) -> None:
-        with self._lock:
+        with self._model_lock:
             if self._downloading:
                 return
             self._downloading = True
@@ -1116,7 +1175,7 @@ class JobPanel(ipywidgets.VBox, _View):
                 folder = Path(infos[0].path).parent if infos else ""
                 text = (f"<span style='font-size:12px;color:#16a34a'>\u2714 {len(infos)} file(s) verified in "
                         f"<code>{_esc(folder)}</code></span>")
-            with self._lock:
+            with self._model_lock:
                 if infos is not None:
                     self._artifacts = infos
                     self._mark("artifacts", "header")
@@ -1128,20 +1187,29 @@ class JobPanel(ipywidgets.VBox, _View):
 
     # -- for tests and callers ------------------------------------------------------------------
 
+    def _synced(self) -> None:
+        with self._model_lock:
+            self._drain()
+
     @property
     def state(self) -> JobState:
+        self._synced()
         return self._job.state
 
     @property
     def progress(self) -> Progress:
+        self._synced()
         return self._progress
 
     @property
     def log_text(self) -> str:
-        return self._logbuf.text()
+        with self._model_lock:
+            self._drain()
+            return self._logbuf.text()
 
     @property
     def artifacts(self) -> list[ArtifactInfo]:
+        self._synced()
         return list(self._artifacts)
 
     def flush_now(self) -> None:
@@ -1191,33 +1259,99 @@ def _verified(a: ArtifactInfo) -> tuple[bool, str]:
 
 
 @dataclass
+class _Summary:
+    """What the dashboard shows of a job's metrics: the last step, the total, the last train loss.
+
+    Built from the store once per job (off the loop thread), then kept up to date from metric
+    events, O(1) each: a board of many long runs never holds or re-reads whole metric histories.
+    """
+
+    step: int | None = None
+    total_steps: int | None = None
+    last_loss: float | None = None
+
+    def add(self, metric: Any) -> None:
+        """The same reading of a metric as :meth:`Progress.add`, without keeping the curves."""
+        if not isinstance(metric, Mapping):
+            return
+        kind = str(metric.get("kind") or "train")
+        step = _int(metric.get("step"))
+        total = _int(metric.get("total_steps"))
+        if total is not None and total > 0:
+            self.total_steps = total
+        if step is not None:
+            self.step = step if self.step is None else max(self.step, step)
+        if kind not in ("eval", "summary"):
+            loss = _finite(metric.get("loss"))
+            if loss is not None and _finite(metric.get("step")) is not None:
+                self.last_loss = loss
+
+    def then(self, newer: _Summary) -> _Summary:
+        """This summary followed by ``newer`` (the metrics that came after it)."""
+        steps = [s for s in (self.step, newer.step) if s is not None]
+        return _Summary(
+            step=max(steps) if steps else None,
+            total_steps=newer.total_steps if newer.total_steps is not None else self.total_steps,
+            last_loss=newer.last_loss if newer.last_loss is not None else self.last_loss,
+        )
+
+    @property
+    def fraction(self) -> float | None:
+        if self.step is None or not self.total_steps:
+            return None
+        return max(0.0, min(1.0, self.step / self.total_steps))
+
+
+@dataclass
 class _Row:
     job: Job
-    progress: Progress | None = None
 
 
 class Dashboard(ipywidgets.VBox, _View):
-    """Every job of the workspace in one live table, with filters, and a job's panel on demand."""
+    """Every job of the workspace in one live table, with filters, and a job's panel on demand.
+
+    Locks: ``_lock`` guards only the inbox (state events and per-job metric summaries handed over
+    by the orchestrator's loop thread) and is held for O(1) work. ``_model_lock`` guards the rows,
+    summaries and widgets and may be held while rendering and sending; callbacks never take it.
+    The store is read by a worker thread (each shown job's metrics, once), never under a lock a
+    callback needs.
+    """
 
     def __init__(self, orchestrator: Any, *, state: str | None = None, provider: str | None = None,
                  scheduler: _Scheduler | None = None, route_clicks: bool = True) -> None:
         self._orch = orchestrator
         self._scheduler = scheduler or _scheduler
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()  # the inbox: O(1) work only, taken by the loop thread's callbacks
+        self._model_lock = threading.RLock()  # rows, summaries, widgets: never taken by a callback
+        self._summary_ready = threading.Condition(self._model_lock)
         self._closed = False
+        # The inbox (under _lock): what the events said since the flusher last drained it.
+        self._in_states: list[tuple[float, Job]] = []
+        self._in_metrics: dict[str, _Summary] = {}
+        # The model (under _model_lock).
         self._rows: dict[str, _Row] = {}
-        self._dirty_jobs = True
+        self._base: dict[str, _Summary] = {}  # read from the store, once per job, by the worker
+        self._live: dict[str, _Summary] = {}  # from the metric events since this board subscribed
+        self._to_read: deque[str] = deque()  # jobs whose metrics the worker is to read
+        self._requested: set[str] = set()
+        self._worker: threading.Thread | None = None
+        self._selector_dirty = True
         self._notices: deque[tuple[float, str, JobState]] = deque(maxlen=5)
         self.panel: JobPanel | None = None
+        self._parts: dict[str, _Part] = {}
+        # Subscribe before the store is read: a job created meanwhile comes with its first event.
+        self._unsubscribe = orchestrator.subscribe(self._on_event, job_id=None)
 
+        try:
+            jobs = list(orchestrator.jobs())
+        except BaseException:
+            self._closed = True
+            self._unsubscribe()
+            raise
         # Installed providers, those of the workspace's jobs (one may be uninstalled since) and the one
         # asked for: a filter is never silently dropped for lack of an option.
-        try:
-            job_providers = {j.provider for j in orchestrator.jobs()}
-        except Exception:
-            job_providers = set()
-        providers = sorted(set(getattr(orchestrator, "provider_names", []) or []) | {"local"} | job_providers
-                           | ({provider} if provider else set()))
+        providers = sorted(set(getattr(orchestrator, "provider_names", []) or []) | {"local"}
+                           | {j.provider for j in jobs} | ({provider} if provider else set()))
         self.state_filter = ipywidgets.Dropdown(options=[("all states", "")] + [(s.value, s.value) for s in JobState],
                                                 value=(state.upper() if state else ""), description="state",
                                                 layout=ipywidgets.Layout(width="220px"))
@@ -1245,60 +1379,117 @@ class Dashboard(ipywidgets.VBox, _View):
         super().__init__([ipywidgets.HTML(_PANEL_CSS), ipywidgets.HBox([self.state_filter, self.provider_filter]),
                           self.notice, self.table, ipywidgets.HBox([self.selector, self.open_button]), self.detail])
         self.add_class("trainorch-dashboard")
-        self._unsubscribe = orchestrator.subscribe(self._on_event, job_id=None)
-        self._reload()
+        self._install(jobs)
+        # The first render: the worker reads the shown jobs' metrics; wait a little for them, so the
+        # table is complete when shown unless the store is slow (then the rows fill in as they come).
+        with self._model_lock:
+            ids = [r.job.id for r in self._visible_rows()]
+            self._want_summaries(ids)
+            self._summary_ready.wait_for(lambda: all(i in self._base for i in ids), timeout=DASHBOARD_FIRST_WAIT_S)
         self._flush_all(self._scheduler.clock())
         self._scheduler.register(self)
 
-    # -- data ---------------------------------------------------------------------------------
-
-    def _reload(self) -> None:
-        jobs = self._orch.jobs()
-        with self._lock:
-            rows = {}
-            for job in jobs:
-                old = self._rows.get(job.id)
-                rows[job.id] = _Row(job, old.progress if old else None)
-            self._rows = rows
-            self._dirty_jobs = False
-            self._mark("table")
-        self._update_selector()
-
-    def _progress_of(self, row: _Row) -> Progress:
-        if row.progress is None:
-            prog = Progress()
-            try:
-                for m in self._orch.store.metrics(row.job.id):
-                    prog.add(m)
-            except Exception:
-                pass
-            row.progress = prog
-        return row.progress
+    # -- events (the orchestrator's loop thread): O(1), never blocked ---------------------------
 
     def _on_event(self, event: Any) -> None:
+        kind = event.kind
+        if self._closed or kind not in ("state", "metric"):
+            return  # logs and artifacts are not shown here
+        data = event.data
         with self._lock:
+            if kind == "state":
+                if isinstance(data, Job):
+                    self._in_states.append((time.time(), data))
+            else:
+                summary = self._in_metrics.get(event.job_id)
+                if summary is None:
+                    summary = self._in_metrics[event.job_id] = _Summary()
+                summary.add(data)
+        self._scheduler.poke()
+
+    # -- the model (under _model_lock) ------------------------------------------------------------
+
+    def _drain(self) -> None:
+        """Apply what the events said since the last drain."""
+        with self._lock:
+            if not self._in_states and not self._in_metrics:
+                return
+            states, self._in_states = self._in_states, []
+            metrics, self._in_metrics = self._in_metrics, {}
+        for when, job in states:
+            row = self._rows.get(job.id)
+            if row is None:  # a new job: its record came with the event
+                self._rows[job.id] = _Row(job)
+            elif job.updated_at >= row.job.updated_at:
+                before = row.job.state
+                row.job = job
+                if job.state.is_terminal and before is not job.state:
+                    self._notices.append((when, job.id, job.state))
+                    self._mark("notice")
+            self._selector_dirty = True  # a row may have come, or moved in or out of the filter
+            self._mark("table")
+        for job_id, summary in metrics.items():
+            live = self._live.get(job_id)
+            self._live[job_id] = summary if live is None else live.then(summary)
+        if metrics:
+            self._mark("table")
+
+    def _install(self, jobs: Iterable[Job]) -> None:
+        """Rows for the store's records (a record older than the one an event brought is ignored)."""
+        with self._model_lock:
+            for job in jobs:
+                row = self._rows.get(job.id)
+                if row is None:
+                    self._rows[job.id] = _Row(job)
+                elif job.updated_at > row.job.updated_at:
+                    row.job = job
+            self._selector_dirty = True
+            self._mark("table")
+
+    def _summary(self, job_id: str) -> tuple[_Summary, bool]:
+        """The job's summary: the store's (once read) followed by the events'; and whether the store's is in."""
+        base, live = self._base.get(job_id), self._live.get(job_id)
+        if base is None:
+            return (live or _Summary()), False
+        return (base if live is None else base.then(live)), True
+
+    def _want_summaries(self, job_ids: Iterable[str]) -> None:
+        """Have the worker read these jobs' metrics (each job once)."""
+        with self._model_lock:
             if self._closed:
                 return
-            row = self._rows.get(event.job_id)
-            if event.kind == "state" and isinstance(event.data, Job):
-                if row is None:
-                    self._dirty_jobs = True  # a new job: reload the list (and the selector)
-                else:
-                    before = row.job.state
-                    row.job = event.data
-                    if event.data.state.is_terminal and before is not event.data.state:
-                        self._notices.append((time.time(), event.job_id, event.data.state))
-                        self._mark("notice")
+            for job_id in job_ids:
+                if job_id not in self._base and job_id not in self._requested:
+                    self._requested.add(job_id)
+                    self._to_read.append(job_id)
+            if self._to_read and self._worker is None:
+                self._worker = threading.Thread(target=self._read_summaries, name="trainorch-dashboard-store",
+                                                daemon=True)
+                self._worker.start()
+
+    def _read_summaries(self) -> None:
+        """The worker: read the requested jobs' metrics from the store, then exit (it comes back on demand)."""
+        while True:
+            with self._model_lock:
+                if self._closed or not self._to_read:
+                    self._worker = None
+                    return
+                job_id = self._to_read.popleft()
+            summary = _Summary()
+            try:
+                for m in self._orch.store.metrics(job_id):  # may wait on SQLite: no lock held here
+                    summary.add(m)
+            except Exception:
+                log.debug("could not read the metrics of %s", job_id, exc_info=True)
+            with self._model_lock:
+                self._base[job_id] = summary
                 self._mark("table")
-            elif event.kind == "metric" and row is not None:
-                if row.progress is not None:
-                    row.progress.add(event.data, event.time)
-                self._mark("table")
-        self._scheduler.poke()
+                self._summary_ready.notify_all()
+            self._scheduler.poke()
 
     def _mark(self, *names: str) -> None:
         for name in names:
-            part = self._parts.get(name) if hasattr(self, "_parts") else None
+            part = self._parts.get(name)
             if part is not None:
                 part.dirty = True
 
@@ -1309,68 +1500,80 @@ class Dashboard(ipywidgets.VBox, _View):
         rows.sort(key=lambda r: r.job.created_at, reverse=True)
         return rows[:DASHBOARD_MAX_ROWS]
 
-    def _update_selector(self) -> None:
-        with self._lock:
+    def _update_selector(self) -> bool:
+        """Offer the shown jobs in the selector; True if its options changed."""
+        with self._model_lock:
+            self._drain()
+            self._selector_dirty = False
             ids = [r.job.id for r in self._visible_rows()]
+        # Outside the model lock: setting the value may open a panel (which reads the store).
         options = [(f"{i}", i) for i in ids]
-        if list(self.selector.options) != options:
-            current = self.selector.value
-            with self.selector.hold_trait_notifications():
-                self.selector.options = options
-                self.selector.value = current if current in ids else None
+        if list(self.selector.options) == options:
+            return False
+        current = self.selector.value
+        with self.selector.hold_trait_notifications():
+            self.selector.options = options
+            self.selector.value = current if current in ids else None
+        return True
 
-    # -- flushing -------------------------------------------------------------------------------
+    # -- flushing (the scheduler's thread) --------------------------------------------------------
 
     def _wants_flush(self, now: float) -> bool:
         if self._closed:
             return False
-        if now - self._last_tick >= 5.0 and any(r.job.state.is_live for r in self._rows.values()):
-            self._last_tick = now
-            self._mark("table")  # ages and costs move
-        return self._dirty_jobs or any(p.dirty for p in self._parts.values())
+        with self._model_lock:
+            self._drain()
+            if now - self._last_tick >= 5.0 and any(r.job.state.is_live for r in self._rows.values()):
+                self._last_tick = now
+                self._mark("table")  # ages and costs move
+            return self._selector_dirty or any(p.dirty for p in self._parts.values())
 
     def _flush(self, now: float, budget: Budget) -> None:
-        if self._dirty_jobs and budget.msgs >= 2:
-            self._reload()
+        if self._selector_dirty and budget.msgs >= 2 and self._update_selector():
             budget.spend(200)
-        for name in ("notice", "table"):
-            self._parts[name].flush(now, budget)
+        with self._model_lock:
+            for name in ("notice", "table"):
+                self._parts[name].flush(now, budget)
 
     def _flush_all(self, now: float) -> None:
+        if self._selector_dirty:
+            self._update_selector()
         budget = Budget(math.inf, math.inf)
-        for part in self._parts.values():
-            part.flush(now, budget, 0.0)
+        with self._model_lock:
+            self._drain()
+            for part in self._parts.values():
+                part.flush(now, budget, 0.0)
 
     def flush_now(self) -> None:
-        if self._dirty_jobs:
-            self._reload()
         self._flush_all(self._scheduler.clock())
 
-    # -- rendering -------------------------------------------------------------------------
+    # -- rendering (under _model_lock; in-memory only) ----------------------------------------------
 
     def _render_table(self, now: float) -> str:
-        with self._lock:
+        with self._model_lock:
             rows = self._visible_rows()
             total = len(self._rows)
+            self._want_summaries(r.job.id for r in rows)
             wall = time.time()
             body = []
             for r in rows:
                 job = r.job
-                prog = self._progress_of(r)
+                prog, loaded = self._summary(job.id)
                 frac = prog.fraction
                 if frac is None and job.state is JobState.COMPLETED and prog.step is not None:
                     frac = 1.0
-                pct = "" if frac is None else f"{frac * 100:.0f}%"
+                pct = ("" if loaded else "\u2026") if frac is None else f"{frac * 100:.0f}%"
                 bar = ("" if frac is None else
                        f"<div style='display:inline-block;width:60px;height:6px;background:#e5e7eb;border-radius:3px;"
                        f"vertical-align:middle;margin-right:4px'><div style='width:{frac * 100:.0f}%;height:100%;"
                        f"background:{STATE_COLORS[job.state]};border-radius:3px'></div></div>")
+                loss = _fmt_loss(prog.last_loss) if loaded or prog.last_loss is not None else "\u2026"
                 age = wall - job.created_at.timestamp()
                 body.append(
                     f"<tr class='trainorch-row' data-job-id='{_esc(job.id)}' data-state='{job.state.value}'>"
                     f"<td><code>{_esc(job.id)}</code></td><td>{_esc(job.spec.name)}</td><td>{_esc(job.provider)}</td>"
                     f"<td>{_badge(job.state)}</td><td style='white-space:nowrap'>{bar}{pct}</td>"
-                    f"<td>{_fmt_loss(prog.last_loss)}</td><td>{_fmt_money(job.cost_so_far)}</td>"
+                    f"<td>{loss}</td><td>{_fmt_money(job.cost_so_far)}</td>"
                     f"<td>{_fmt_duration(age)}</td></tr>"
                 )
         if not body:
@@ -1396,7 +1599,7 @@ class Dashboard(ipywidgets.VBox, _View):
 
     def _on_filter(self, _change: Any = None) -> None:
         self._update_selector()
-        with self._lock:
+        with self._model_lock:
             self._mark("table")
         self._flush_all(self._scheduler.clock())
 
@@ -1427,6 +1630,9 @@ class Dashboard(ipywidgets.VBox, _View):
         with contextlib.suppress(Exception):
             self._unsubscribe()
         self._scheduler.unregister(self)
+        with self._model_lock:
+            self._to_read.clear()  # the worker ends after the read it may be in
+            self._summary_ready.notify_all()
         if self.panel is not None:
             self.panel.close()
         for child in _walk(self):
@@ -1436,7 +1642,9 @@ class Dashboard(ipywidgets.VBox, _View):
         super().close()
 
     def __repr__(self) -> str:
-        return "\n".join(text_summary(r.job) for r in self._visible_rows()) or "no jobs"
+        with self._model_lock:
+            rows = self._visible_rows()
+        return "\n".join(text_summary(r.job) for r in rows) or "no jobs"
 
 
 # --------------------------------------------------------------------------------------------
