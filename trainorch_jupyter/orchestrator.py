@@ -214,7 +214,7 @@ class Orchestrator:
             if self._background:  # a cancel (or webhook) still on its way: give it a moment
                 await asyncio.wait(set(self._background), timeout=min(5.0, timeout / 2))
             for job_id in followed:
-                self.store.release(job_id, self.owner)
+                await asyncio.to_thread(self.store.release, job_id, self.owner)
             for p in self._providers.values():
                 with contextlib.suppress(Exception):
                     await p.aclose()
@@ -302,6 +302,13 @@ class Orchestrator:
             return Job.from_dict(live.to_dict())
         return self.store.get(job_id)
 
+    async def _aget(self, job_id: str) -> Job:
+        """:meth:`get` for code on the loop: a store read goes to a worker thread."""
+        live = self._jobs.get(job_id)
+        if live is not None:
+            return Job.from_dict(live.to_dict())
+        return await asyncio.to_thread(self.store.get, job_id)
+
     def cancel(self, job_id: str) -> None:
         self._call(self._cancel(job_id), timeout=60)
 
@@ -312,7 +319,7 @@ class Orchestrator:
         """Record the request and tell the runner in the background: the caller (often the kernel's
         main thread) never waits on the network, and an unreachable runner gets the cancel once it
         answers again instead of the request being dropped."""
-        job = self.get(job_id)
+        job = await self._aget(job_id)
         if job.state.is_terminal:
             return
         self._cancel_requested.add(job_id)
@@ -327,13 +334,14 @@ class Orchestrator:
         if download is not None:  # stop the download: the machine is terminated right after
             download.cancel()
         task = self._tasks.get(job_id)
-        if task is None and job.state is JobState.PENDING and self.store.claim(job_id, self.owner, LEASE_S):
+        if (task is None and job.state is JobState.PENDING
+                and await asyncio.to_thread(self.store.claim, job_id, self.owner, LEASE_S)):
             # Nobody drives it (it never started): end it here.
             await self._finish(job, JobState.CANCELLED, error=None)
 
     async def _send_cancel(self, job_id: str, client: RunnerClient) -> None:
         async def once() -> dict[str, Any]:
-            if self.get(job_id).state.is_terminal:  # it ended meanwhile (its machine may be gone)
+            if (await self._aget(job_id)).state.is_terminal:  # it ended meanwhile (its machine may be gone)
                 return {}
             return await client.cancel()
 
@@ -780,7 +788,7 @@ class Orchestrator:
             return await self._download_locked(job_id, to)
 
     async def _download_locked(self, job_id: str, to: Path | None) -> list[ArtifactInfo]:
-        job = self.get(job_id)
+        job = await self._aget(job_id)
         dest = (to or self.artifacts_dir / job_id).resolve()
         have = await asyncio.to_thread(self.store.artifacts, job_id)
         if have:
@@ -823,7 +831,7 @@ class Orchestrator:
             await self._terminate(provider, handle, job)
 
     async def _wait_terminal(self, job_id: str) -> None:
-        while not self.get(job_id).state.is_terminal:
+        while not (await self._aget(job_id)).state.is_terminal:
             await asyncio.sleep(0.2)
 
     # -- done callbacks, webhook ------------------------------------------------------------
