@@ -157,3 +157,23 @@ def test_logs_follow_prints_every_line_until_the_end(tmp_path: Path) -> None:
     shown = text_of(out[2])
     assert [ln for ln in shown.splitlines() if ln.startswith("tick")] == [f"tick {i}" for i in range(40)]
     assert "COMPLETED" in shown
+
+
+def test_top_level_await_on_the_handle_and_the_async_api(tmp_path: Path) -> None:
+    cells = [
+        "%load_ext trainorch_jupyter",
+        "from trainorch_jupyter import get_orchestrator\norch = get_orchestrator()\n"
+        "job = await orch.asubmit({'name': 'awaited', 'command': ['python', '-c', 'import time; time.sleep(1); print(7)']})\n"
+        "final = await job\nprint('AWAITED', final.state.value)",
+        "files = await orch.adownload(job.id)\nprint('FILES', files)\n"
+        "import asyncio\n"
+        "slow = orch.submit({'name': 'slow', 'command': ['python', '-c', 'import time; time.sleep(30)']})\n"
+        "try:\n    await asyncio.wait_for(orch.await_job(slow.id), 0.5)\nexcept TimeoutError:\n    print('TIMED OUT')\n"
+        "await orch.acancel(slow.id)\nprint('CANCELLED', (await slow).state.value)",
+    ]
+    out = run_cells(cells, tmp_path)
+    for cell in out:
+        assert not errors_of(cell), text_of(cell)
+    assert "AWAITED COMPLETED" in text_of(out[1])
+    assert "FILES []" in text_of(out[2])  # the command wrote no files
+    assert "TIMED OUT" in text_of(out[2]) and "CANCELLED CANCELLED" in text_of(out[2])

@@ -120,6 +120,7 @@ class Orchestrator:
         self._provider_classes = {**available_providers(), **dict(providers or {})}
         self._provider_config = {k: dict(v) for k, v in (provider_config or {}).items()}
         self._providers: dict[str, Provider] = {}
+        self._providers_lock = threading.Lock()
         self._subscribers: list[tuple[str | None, Callable[[Event], None]]] = []
         self._sub_lock = threading.Lock()
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -254,12 +255,14 @@ class Orchestrator:
     # -- providers --------------------------------------------------------------------------
 
     def provider(self, name: str) -> Provider:
-        if name not in self._providers:
-            cls = self._provider_classes.get(name)
-            if cls is None:
-                raise SpecError("provider", f"unknown provider {name!r}; available: {', '.join(sorted(self._provider_classes))}")
-            self._providers[name] = cls(workspace=self.workspace, http=self._http, **self._provider_config.get(name, {}))
-        return self._providers[name]
+        """The provider instance of ``name`` (one per orchestrator; made on first use, from any thread)."""
+        with self._providers_lock:
+            if name not in self._providers:
+                cls = self._provider_classes.get(name)
+                if cls is None:
+                    raise SpecError("provider", f"unknown provider {name!r}; available: {', '.join(sorted(self._provider_classes))}")
+                self._providers[name] = cls(workspace=self.workspace, http=self._http, **self._provider_config.get(name, {}))
+            return self._providers[name]
 
     @property
     def provider_names(self) -> list[str]:
@@ -370,7 +373,17 @@ class Orchestrator:
                 time.sleep(step)
 
     async def await_job(self, job_id: str, timeout: float | None = None) -> Job:
-        return await asyncio.to_thread(self.wait, job_id, timeout)
+        """``wait`` for async code (``await job``): polls from the awaiting loop, holds no thread, and an
+        interrupted await leaves nothing behind."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            live = self._jobs.get(job_id)
+            job = Job.from_dict(live.to_dict()) if live is not None else await asyncio.to_thread(self.store.get, job_id)
+            if job.state.is_terminal:
+                return job
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {job_id} is still {job.state.value} after {timeout}s")
+            await asyncio.sleep(0.25)
 
     def on_done(self, job_id: str, fn: Callable[[Job], None]) -> None:
         # Register first, then look: a job that ends in between has either already run its callbacks
