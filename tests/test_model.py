@@ -175,3 +175,14 @@ def test_trainer_cli_args() -> None:
     assert args[args.index("--lora-r") + 1] == "4"
     assert args[args.index("--target-modules") + 1] == "q_proj,v_proj"
     assert "--gradient-checkpointing" in args and "--epochs" not in args
+
+
+def test_yaml_style_numeric_strings_are_taken_for_numeric_fields() -> None:
+    import yaml
+
+    data = yaml.safe_load("model: tiny\ndata: d.jsonl\nlr: 3e-3\nsteps: '80'\n")
+    assert data["lr"] == "3e-3"  # what YAML 1.1 gives
+    cfg = TrainerConfig.from_dict(data)
+    assert cfg.lr == 0.003 and cfg.steps == 80
+    with pytest.raises(SpecError, match=r"train\.lr"):
+        TrainerConfig.from_dict({"model": "tiny", "data": "d.jsonl", "lr": "fast"}).validate(check_files=False)

@@ -7,6 +7,7 @@ pass it around and persist it.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
 import os
@@ -299,6 +300,15 @@ class TrainerConfig:
         for required in ("model", "data"):
             if required not in norm:
                 raise SpecError(f"train.{required}", "is required")
+        # YAML 1.1 reads "3e-3" (no dot) as a string: take numeric strings for numeric fields.
+        for key in ("lr", "lora_dropout", "eval_fraction", "epochs"):
+            if isinstance(norm.get(key), str):
+                with contextlib.suppress(ValueError):
+                    norm[key] = float(norm[key])
+        for key in ("steps", "warmup_steps", "batch_size", "grad_accum", "seq_len", "lora_r", "lora_alpha", "seed",
+                    "log_every"):
+            if isinstance(norm.get(key), str) and re.fullmatch(r"\s*\d+\s*", norm[key]):
+                norm[key] = int(norm[key])
         tm = norm.get("target_modules")
         if isinstance(tm, str):
             norm["target_modules"] = tuple(m.strip() for m in tm.split(",") if m.strip())
