@@ -8,9 +8,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from trainorch_jupyter.model import ArtifactInfo, Job, JobNotFound, JobSpec, JobState, new_job_id
-from trainorch_jupyter.store import Store
+from trainorch_jupyter.store import Store, tail_lines
 
 
 def _job(name: str = "demo") -> Job:
@@ -135,3 +137,22 @@ def test_two_processes_on_one_workspace(tmp_path: Path) -> None:
     assert len(jobs) == 120
     assert all(j.state is JobState.PROVISIONING for j in jobs)
     assert store._query("PRAGMA integrity_check")[0][0] == "ok"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from([b"a", b"bb", b"\n", b"\r", b"x" * 50]), max_size=60), st.integers(0, 12),
+       st.integers(1, 64))
+def test_tail_lines_matches_a_plain_split(parts: list[bytes], n: int, block: int) -> None:
+    import re
+    import tempfile
+
+    content = b"".join(parts)
+    with tempfile.NamedTemporaryFile() as fh:
+        fh.write(content)
+        fh.flush()
+        lines = re.findall(rb"[^\n]*\n|[^\n]+$", content)
+        expected = b"".join(lines[-n:]) if n else b""
+        assert tail_lines(Path(fh.name), n, block=block) == expected.decode()
+        cut = len(content) // 2
+        lines = re.findall(rb"[^\n]*\n|[^\n]+$", content[:cut])
+        assert tail_lines(Path(fh.name), n, end=cut, block=block) == (b"".join(lines[-n:]) if n else b"").decode()

@@ -33,6 +33,7 @@ from .model import (
     parse_duration,
 )
 from .orchestrator import JobHandle, Orchestrator, get_orchestrator
+from .store import tail_lines
 
 SUBCOMMANDS = ("submit", "status", "logs", "cancel", "list", "download", "panel", "dashboard")
 
@@ -485,22 +486,14 @@ class TrainMagics(Magics):
         return None
 
 
-def _read_upto(path: Path, size: int, tail: int | None, block: int = 64 * 1024) -> str:
+def _read_upto(path: Path, size: int, tail: int | None) -> str:
     """The first ``size`` bytes of the file, or only the last ``tail`` lines of them."""
-    if size <= 0 or (tail is not None and tail <= 0):
+    if size <= 0:
         return ""
+    if tail is not None:
+        return tail_lines(path, tail, end=size)
     with open(path, "rb") as fh:
-        if tail is None:
-            data = fh.read(size)
-        else:
-            pos, data = size, b""
-            while pos > 0 and data.count(b"\n") <= tail:
-                step = min(block, pos)
-                pos -= step
-                fh.seek(pos)
-                data = fh.read(step) + data
-            data = b"".join(data.splitlines(keepends=True)[-tail:])
-    return data.decode("utf-8", errors="replace")
+        return fh.read(size).decode("utf-8", errors="replace")
 
 
 def _check_state(state: str | None) -> JobState | None:

@@ -328,13 +328,15 @@ class Store:
         return [ArtifactInfo.from_dict(json.loads(r["data"])) for r in rows]
 
 
-def tail_lines(path: Path, n: int, *, block: int = 64 * 1024) -> str:
-    """The last ``n`` lines of a file, read from its end (cheap for big logs)."""
+def tail_lines(path: Path, n: int, *, end: int | None = None, block: int = 64 * 1024) -> str:
+    """The last ``n`` lines of a file (of its first ``end`` bytes), read from the end: cheap for big logs.
+
+    Lines end with ``\n`` only (a progress bar's ``\r`` redraws stay within their line)."""
     if n <= 0:
         return ""
     with open(path, "rb") as fh:
-        fh.seek(0, os.SEEK_END)
-        end = fh.tell()
+        if end is None:
+            end = fh.seek(0, os.SEEK_END)
         pos = end
         data = b""
         while pos > 0 and data.count(b"\n") <= n:
@@ -342,5 +344,9 @@ def tail_lines(path: Path, n: int, *, block: int = 64 * 1024) -> str:
             pos -= step
             fh.seek(pos)
             data = fh.read(step) + data
-    lines = data.splitlines(keepends=True)
-    return b"".join(lines[-n:]).decode("utf-8", errors="replace")
+    cut = len(data) - 1 if data.endswith(b"\n") else len(data)
+    for _ in range(n):
+        cut = data.rfind(b"\n", 0, cut)
+        if cut < 0:
+            break
+    return data[cut + 1:].decode("utf-8", errors="replace")
