@@ -8,16 +8,13 @@ import sys
 import time
 from typing import Any
 
-BENCHES = ["bench_orchestrator", "bench_trainer", "bench_download", "bench_widgets"]
+BENCHES = ["bench_orchestrator", "bench_trainer", "bench_download"]
 
 
 def main() -> int:
     results: dict[str, Any] = {}
     for name in BENCHES:
-        try:
-            mod = importlib.import_module(f"benchmarks.{name}")
-        except ModuleNotFoundError:
-            continue
+        mod = importlib.import_module(f"benchmarks.{name}")
         t0 = time.perf_counter()
         print(f"== {name} ...", flush=True)
         results[name] = mod.run()
