@@ -70,7 +70,7 @@ def test_cancel_returns_at_once_and_survives_an_unreachable_runner(tmp_path: Pat
             proxy.cut()
             t0 = time.monotonic()
             job.cancel()
-            assert time.monotonic() - t0 < 2.0, "cancel() waited for the runner"
+            assert time.monotonic() - t0 < 5.0, "cancel() waited for the runner (its retries take a minute)"
             time.sleep(2.0)
             proxy.target = real  # the network is back
             assert job.wait(timeout=40).state is JobState.CANCELLED

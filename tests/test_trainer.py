@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -170,12 +169,10 @@ def test_bad_data_fails_fast_with_exit_2(tmp_path: Path, name: str) -> None:
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
         "sys.exit(rc)\n"
     )
-    t0 = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-c", code], env=trainer_env(cache), cwd=tmp_path, capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 2, proc.stderr
-    assert time.monotonic() - t0 < 20
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0] == f"DataError: {tmp_path / name}: {needle}" or lines[0].startswith(f"DataError: {tmp_path / name}: {needle}")
@@ -279,9 +276,9 @@ def test_tiny_build_is_deterministic_cached_and_loadable(tiny_path: Path, tmp_pa
         return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(p.iterdir()) if f.is_file()}
 
     assert tiny_path.name.startswith("tiny-") and tiny_path.parent == Path(os.environ["TRAINORCH_CACHE"])
-    t0 = time.monotonic()
+    stamps = {f.name: f.stat().st_mtime_ns for f in tiny_path.iterdir()}
     assert build_tiny_model() == tiny_path
-    assert time.monotonic() - t0 < 2, "a built model is reused"
+    assert {f.name: f.stat().st_mtime_ns for f in tiny_path.iterdir()} == stamps, "a built model is reused, not rebuilt"
     other = build_tiny_model(tmp_path / "again")
     assert digest(other) == digest(tiny_path)
     model = AutoModelForCausalLM.from_pretrained(other)
