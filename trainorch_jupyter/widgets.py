@@ -486,6 +486,29 @@ class _View:
     def _wants_flush(self, now: float) -> bool:  # pragma: no cover - interface
         raise NotImplementedError
 
+    # Set by the widget classes that mix this in.
+    _lock: threading.Lock
+    _closed: bool
+    _unsubscribe: Callable[[], None]
+    _scheduler: _Scheduler
+
+    def _detach(self) -> bool:
+        """Stop events and flushes for this view; False when it was closed already."""
+        with self._lock:
+            if self._closed:
+                return False
+            self._closed = True
+        with contextlib.suppress(Exception):
+            self._unsubscribe()
+        self._scheduler.unregister(self)
+        return True
+
+    def _close_children(self) -> None:
+        for child in _walk(self):
+            if child is not self:
+                with contextlib.suppress(Exception):
+                    child.close()
+
 
 class _Scheduler:
     """Flushes every registered view from one daemon thread, under one global token bucket."""
@@ -1217,17 +1240,9 @@ class JobPanel(ipywidgets.VBox, _View):
         self._flush_all(self._scheduler.clock())
 
     def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        with contextlib.suppress(Exception):
-            self._unsubscribe()
-        self._scheduler.unregister(self)
-        for child in _walk(self):
-            if child is not self:
-                with contextlib.suppress(Exception):
-                    child.close()
+        if not self._detach():
+            return
+        self._close_children()
         super().close()
 
     def __repr__(self) -> str:  # what a frontend without widgets shows
@@ -1623,22 +1638,14 @@ class Dashboard(ipywidgets.VBox, _View):
         return self.panel
 
     def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        with contextlib.suppress(Exception):
-            self._unsubscribe()
-        self._scheduler.unregister(self)
+        if not self._detach():
+            return
         with self._model_lock:
             self._to_read.clear()  # the worker ends after the read it may be in
             self._summary_ready.notify_all()
         if self.panel is not None:
             self.panel.close()
-        for child in _walk(self):
-            if child is not self:
-                with contextlib.suppress(Exception):
-                    child.close()
+        self._close_children()
         super().close()
 
     def __repr__(self) -> str:
