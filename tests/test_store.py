@@ -6,6 +6,7 @@ import multiprocessing
 import os
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -156,3 +157,27 @@ def test_tail_lines_matches_a_plain_split(parts: list[bytes], n: int, block: int
         cut = len(content) // 2
         lines = re.findall(rb"[^\n]*\n|[^\n]+$", content[:cut])
         assert tail_lines(Path(fh.name), n, end=cut, block=block) == (b"".join(lines[-n:]) if n else b"").decode()
+
+
+def _open_together(workspace: str, start: Any) -> None:
+    start.wait()
+    store = Store(workspace)
+    job = Job(id=f"j-{os.getpid()}", spec=JobSpec(name="j", command=("true",)))
+    store.create(job)
+
+
+def test_many_kernels_opening_a_new_workspace_at_once(tmp_path: Path) -> None:
+    """The switch to WAL on a new database races (SQLite answers "database is locked" at once, without
+    waiting); every opener must still get a working store. Before the fix: ~1 in 20 openers failed here."""
+    ctx = multiprocessing.get_context("fork")  # fork: the openers start within microseconds of each other
+    for round_ in range(25):
+        ws = tmp_path / f"ws{round_}"
+        start = ctx.Event()
+        procs = [ctx.Process(target=_open_together, args=(str(ws), start)) for _ in range(8)]
+        for p in procs:
+            p.start()
+        start.set()
+        for p in procs:
+            p.join(120)
+        assert [p.exitcode for p in procs] == [0] * 8, f"round {round_}"
+        assert len(Store(ws).list_jobs()) == 8

@@ -24,6 +24,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tenacity import retry, retry_if_exception, stop_after_delay, wait_random_exponential
+
 from ._process import pid_alive
 from .model import ArtifactInfo, Job, JobNotFound, JobState
 
@@ -99,15 +101,24 @@ class Store:
         self._lock = threading.RLock()
         self._conn = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None, check_same_thread=False)
         self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA busy_timeout = 30000")
-        self._conn.execute("PRAGMA journal_mode = WAL")
-        self._conn.execute("PRAGMA synchronous = NORMAL")
-        self._conn.execute("PRAGMA foreign_keys = ON")
-        with self._lock:
-            self._conn.executescript(_SCHEMA)
-            self._conn.execute(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-            )
+        self._init_db()
+
+    @retry(retry=retry_if_exception(lambda e: isinstance(e, sqlite3.OperationalError) and "locked" in str(e)),
+           stop=stop_after_delay(60), wait=wait_random_exponential(multiplier=0.05, max=1.0), reraise=True)
+    def _init_db(self) -> None:
+        """Settings and schema. Two kernels opening a new workspace at once race for the switch to WAL,
+        which SQLite answers with "database is locked" at once (no busy wait): try again shortly."""
+        c = self._conn
+        c.execute("PRAGMA busy_timeout = 30000")
+        if str(c.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+            c.execute("PRAGMA journal_mode = WAL")
+        c.execute("PRAGMA synchronous = NORMAL")
+        c.execute("PRAGMA foreign_keys = ON")
+        with self._tx() as tx:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    tx.execute(statement)
+            tx.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
     # -- plumbing -----------------------------------------------------------------------------
 
