@@ -12,7 +12,7 @@ from trainorch_jupyter import demo
 
 ROOT = Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # real training: minutes on a loaded machine
 
 
 def test_quickstart_notebook_runs_and_the_adapter_learns(tmp_path: Path, capsys: pytest.CaptureFixture[str],

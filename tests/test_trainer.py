@@ -17,6 +17,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# Real training runs (and a module fixture that trains): minutes, not seconds, on a loaded 2-core machine.
+pytestmark = pytest.mark.timeout(900)
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_DATA = REPO / "notebooks" / "data" / "train.jsonl"
 PREFIX = "TRAINORCH_METRIC "

@@ -18,7 +18,7 @@ from .nbrun import errors_of, run_cells, text_of
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "notebooks" / "data" / "train.jsonl"
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # real training: minutes on a loaded machine
 
 
 def test_train_magic_runs_a_real_lora_job_and_the_adapter_loads(tmp_path: Path) -> None:

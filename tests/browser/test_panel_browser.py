@@ -13,7 +13,7 @@ import pytest
 from tests.browser.conftest import SHOTS, Lab, Shots
 from tests.helpers import wait_for
 
-pytestmark = [pytest.mark.browser, pytest.mark.slow]
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(900)]
 
 EMIT = textwrap.dedent(
     """
