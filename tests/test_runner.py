@@ -17,32 +17,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-try:
-    from tests.runner_fixtures import (
-        PY,
-        RUNNER_PY,
-        RunningRunner,
-        group_pids,
-        pid_alive,
-        py_command,
-        running,
-        start_runner,
-        wait_exited,
-        wait_for,
-    )
-except ImportError:  # tests/ is not a package: pytest put it on sys.path
-    from runner_fixtures import (  # type: ignore[no-redef]
-        PY,
-        RUNNER_PY,
-        RunningRunner,
-        group_pids,
-        pid_alive,
-        py_command,
-        running,
-        start_runner,
-        wait_exited,
-        wait_for,
-    )
+from tests.runner_fixtures import (
+    PY,
+    RUNNER_PY,
+    RunningRunner,
+    group_pids,
+    pid_alive,
+    py_command,
+    running,
+    start_runner,
+    wait_exited,
+    wait_for,
+)
 
 
 @pytest.fixture

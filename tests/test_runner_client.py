@@ -16,13 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.runner_fixtures import PY, RunningRunner, group_pids, running, start_runner
 from trainorch_jupyter.model import RunnerError
 from trainorch_jupyter.runner_client import LogChunk, MetricsChunk, RunnerClient, RunnerHTTPError
-
-try:
-    from tests.runner_fixtures import PY, RunningRunner, group_pids, running, start_runner
-except ImportError:  # tests/ is not a package: pytest put it on sys.path
-    from runner_fixtures import PY, RunningRunner, group_pids, running, start_runner  # type: ignore[no-redef]
 
 
 @pytest.fixture
