@@ -36,6 +36,8 @@ from trainorch_jupyter import artifacts
 from trainorch_jupyter.artifacts import (
     ARTIFACT_INDEX,
     ArtifactMismatch,
+    DestinationConflict,
+    NotEnoughSpace,
     check_safetensors,
     download_file,
     download_manifest,
@@ -440,8 +442,14 @@ def test_existing_verified_file_is_skipped(server: FileServer, tmp_path: Path) -
     server.files["w.bin"] = data
     assert fetch(server, "w.bin", data, tmp_path).read_bytes() == data
     assert server.file_requests("w.bin") == []
-    (tmp_path / "w.bin").write_bytes(b"already HERE")  # same size, other bytes: fetched again
-    assert fetch(server, "w.bin", data, tmp_path).read_bytes() == data
+    (tmp_path / "w.bin").write_bytes(b"already HERE")  # same size, other bytes: not ours to replace...
+    with pytest.raises(DestinationConflict, match=r"w\.bin.*--overwrite") as conflict:
+        fetch(server, "w.bin", data, tmp_path)
+    assert conflict.value.paths == [(tmp_path / "w.bin").resolve()]
+    assert (tmp_path / "w.bin").read_bytes() == b"already HERE" and leftovers(tmp_path) == ["w.bin"]
+    assert server.file_requests("w.bin") == []  # refused before the first request
+    # ... unless the caller says so.
+    assert fetch(server, "w.bin", data, tmp_path, overwrite=True).read_bytes() == data
     assert len(server.file_requests("w.bin")) == 1
 
 
@@ -827,3 +835,243 @@ def test_other_transports_are_left_alone_and_small_chunks_are_batched(tmp_path: 
     assert asyncio.run(go()).read_bytes() == data
     assert requests[-1].headers["Authorization"] == AUTH["Authorization"]
     assert leftovers(tmp_path) == ["m.bin"]
+
+
+# --------------------------------------------------------------------------------------------
+# Destinations: a download never replaces a file it did not place (issue 7 items 1 and 16), with the real runner
+# --------------------------------------------------------------------------------------------
+
+CARD = b"# model card written by the job\n"
+ADAPTER = random.Random(11).randbytes(300_000)
+NOTES = b"notes from the job\n"
+JOB_FILES = {"README.md": CARD, "adapter.bin": ADAPTER, "sub/notes.txt": NOTES}
+WRITE_JOB_FILES = (
+    "import os, pathlib, random\n"
+    "out = pathlib.Path(os.environ['TRAINORCH_OUTPUT_DIR'])\n"
+    "(out / 'sub').mkdir(parents=True, exist_ok=True)\n"
+    f"(out / 'README.md').write_bytes({CARD!r})\n"
+    "(out / 'adapter.bin').write_bytes(random.Random(11).randbytes(300_000))\n"
+    f"(out / 'sub' / 'notes.txt').write_bytes({NOTES!r})\n"
+)
+
+
+@dataclass
+class ServedJob:
+    url: str
+    token: str
+    manifest: dict[str, Any]
+
+    def download(self, dest: Path, *, job_id: str = "job-d", **kw: Any) -> list[ArtifactInfo]:
+        async def go() -> list[ArtifactInfo]:
+            async with httpx.AsyncClient(timeout=30) as http:
+                return await download_manifest(http, self.url, headers={"Authorization": f"Bearer {self.token}"},
+                                               manifest=self.manifest, dest_dir=dest, job_id=job_id,
+                                               metadata={"provider": "local"}, **kw)
+
+        return asyncio.run(go())
+
+
+@pytest.fixture(scope="module")
+def served_job(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedJob]:
+    """A real runner whose command wrote JOB_FILES and exited: it serves its manifest and files."""
+    from tests.runner_fixtures import py_command, running, wait_exited
+
+    with running(tmp_path_factory.mktemp("served") / "state") as runner, runner.client() as client:
+        assert client.post("/v1/start", json={"command": py_command(WRITE_JOB_FILES)}).status_code in (200, 201, 202)
+        wait_exited(client)
+        manifest = client.get("/v1/manifest").json()
+        assert sorted(f["path"] for f in manifest["files"]) == sorted(JOB_FILES)
+        yield ServedJob(runner.url, runner.token, manifest)
+
+
+def tree(dest: Path) -> dict[str, bytes]:
+    """Every file under ``dest`` (hidden ones included) with its bytes."""
+    return {str(p.relative_to(dest)): p.read_bytes() for p in sorted(dest.rglob("*")) if p.is_file()}
+
+
+def test_a_users_folder_is_checked_before_the_first_byte(served_job: ServedJob, tmp_path: Path) -> None:
+    dest = tmp_path / "mine"
+    (dest / "sub").mkdir(parents=True)
+    (dest / "README.md").write_bytes(b"my own notes, not the job's\n")  # the user's file: never replaced silently
+    (dest / "sub" / "notes.txt").write_bytes(NOTES)  # byte-identical to the job's: fine
+    (dest / "keep.txt").write_bytes(b"unrelated")  # not in the manifest: never touched
+    before = tree(dest)
+    with pytest.raises(DestinationConflict) as info:
+        served_job.download(dest, own_folder=False)
+    assert info.value.differing == [(dest / "README.md").resolve()] and info.value.blocked == []
+    msg = str(info.value)
+    assert "README.md" in msg and "--overwrite" in msg and "overwrite=True" in msg and "nothing was written" in msg
+    assert "notes.txt" not in msg and "\n" not in msg
+    assert tree(dest) == before  # not one byte: no adapter.bin, no .part, no index
+
+    infos = served_job.download(dest, own_folder=False, overwrite=True)
+    assert {i.name: i.path.read_bytes() for i in infos} == JOB_FILES
+    assert (dest / "keep.txt").read_bytes() == b"unrelated"
+    # Idempotent: everything already there is identical (the index too, though its date differs).
+    again = served_job.download(dest, own_folder=False)
+    assert [i.hash_sha256 for i in again] == [i.hash_sha256 for i in infos]
+    assert verify_local(dest) == again
+    assert sorted(tree(dest)) == sorted([*JOB_FILES, "keep.txt", ARTIFACT_INDEX])
+
+
+def test_an_index_of_another_job_or_the_users_is_a_conflict(served_job: ServedJob, tmp_path: Path) -> None:
+    dest = tmp_path / "mine"
+    served_job.download(dest, own_folder=False, job_id="job-a")
+    with pytest.raises(DestinationConflict) as info:  # the same files, but another job's download into it
+        served_job.download(dest, own_folder=False, job_id="job-b")
+    assert info.value.differing == [(dest / ARTIFACT_INDEX)]
+    assert json.loads((dest / ARTIFACT_INDEX).read_text())["job_id"] == "job-a"
+    (dest / ARTIFACT_INDEX).write_text("my own file that happens to have this name")
+    with pytest.raises(DestinationConflict, match=ARTIFACT_INDEX):
+        served_job.download(dest, own_folder=False, job_id="job-a")
+    assert (dest / ARTIFACT_INDEX).read_text() == "my own file that happens to have this name"
+
+
+def test_folders_and_special_files_are_never_replaced(served_job: ServedJob, tmp_path: Path) -> None:
+    dest = tmp_path / "mine"
+    (dest / "README.md").mkdir(parents=True)  # a folder where the job has a file
+    (dest / "sub").write_bytes(b"a file where the job has a folder")
+    before = tree(dest)
+    for overwrite in (False, True):
+        with pytest.raises(DestinationConflict) as info:
+            served_job.download(dest, own_folder=False, overwrite=overwrite)
+        assert sorted(info.value.blocked) == sorted([(dest / "README.md").resolve(), (dest / "sub").resolve()])
+        assert "move it away" in str(info.value)
+    assert tree(dest) == before and (dest / "README.md").is_dir()
+    file_dest = tmp_path / "a-file"
+    file_dest.write_bytes(b"x")
+    with pytest.raises(DestinationConflict):
+        served_job.download(file_dest, own_folder=False, overwrite=True)
+    assert file_dest.read_bytes() == b"x"
+
+
+def test_the_jobs_own_folder_replaces_only_the_files_of_its_manifest(served_job: ServedJob, tmp_path: Path) -> None:
+    dest = tmp_path / "artifacts" / "job-d"
+    served_job.download(dest)
+    (dest / "adapter.bin").write_bytes(b"damaged")  # its own file, damaged: a re-download replaces it
+    (dest / "mine.txt").write_bytes(b"a user's file in the job's folder")  # not in the manifest: left alone
+    infos = served_job.download(dest)
+    assert {i.name: i.path.read_bytes() for i in infos} == JOB_FILES
+    assert (dest / "mine.txt").read_bytes() == b"a user's file in the job's folder"
+
+
+def test_free_space_is_checked_before_the_first_byte(served_job: ServedJob, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    real_disk_usage = shutil.disk_usage
+    total = sum(map(len, JOB_FILES.values()))
+    assert served_job.manifest["total_size"] == total
+    seen: list[Path] = []
+
+    def disk_usage(path: Any) -> Any:
+        seen.append(Path(path))
+        usage = real_disk_usage(path)
+        return type(usage)(usage.total, usage.used, 1000)  # 1000 bytes free on that filesystem
+
+    monkeypatch.setattr(artifacts.shutil, "disk_usage", disk_usage)
+    dest = tmp_path / "new" / "folder"
+    with pytest.raises(NotEnoughSpace) as info:
+        served_job.download(dest)
+    assert (info.value.needed, info.value.free) == (total, 1000)
+    assert f"needs {total} bytes" in str(info.value) and "1000 bytes" in str(info.value)
+    assert seen and seen[0] == tmp_path  # the nearest existing folder of the destination
+    assert not (tmp_path / "new").exists()  # nothing was created
+
+    # What is already there (identical) needs no space; what .part files hold is not fetched again.
+    monkeypatch.undo()
+    served_job.download(dest)
+    (dest / "adapter.bin").unlink()
+    (dest / ".adapter.bin.part").write_bytes(ADAPTER[: len(ADAPTER) - 500])
+    monkeypatch.setattr(artifacts.shutil, "disk_usage", disk_usage)
+    infos = served_job.download(dest)  # needs 500 bytes: fits in 1000
+    assert {i.name: i.path.read_bytes() for i in infos} == JOB_FILES
+
+
+def test_untrusted_manifests_are_bounded(served_job: ServedJob, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    good = served_job.manifest
+    dest = tmp_path / "d"
+    bad_total = {**good, "total_size": good["total_size"] + 1}
+    with pytest.raises(IntegrityError, match="total_size"):
+        artifacts.manifest_entries(bad_total)
+    long_name = {"files": [{"path": "x" * 256, "size": 0, "sha256": sha(b"")}]}
+    with pytest.raises(IntegrityError, match="longer than"):
+        artifacts.manifest_entries(long_name)
+    deep = {"files": [{"path": "/".join(["d" * 200] * 21), "size": 0, "sha256": sha(b"")}]}
+    with pytest.raises(IntegrityError, match="longer than"):
+        artifacts.manifest_entries(deep)
+    monkeypatch.setattr(artifacts, "MAX_MANIFEST_FILES", 2)
+    with pytest.raises(IntegrityError, match="lists 3 files"):
+        served_job.download(dest)
+    assert not dest.exists()
+    monkeypatch.undo()
+    many = {"files": [{"path": f"f{i}", "size": 0, "sha256": sha(b"")} for i in range(artifacts.MAX_MANIFEST_FILES + 1)]}
+    with pytest.raises(IntegrityError, match="more than"):
+        artifacts.manifest_entries(many)
+    for bad in (bad_total, long_name):  # refused by download_manifest before anything is written
+        with pytest.raises(IntegrityError):
+            ServedJob(served_job.url, served_job.token, bad).download(dest)
+    assert not dest.exists()
+
+
+def test_job_download_to_a_folder_never_replaces_a_users_file(tmp_path: Path) -> None:
+    """Issue 7 item 1 as a new user met it: ``--to mine`` replaced ``mine/README.md`` (their notes)."""
+    from tests.helpers import orchestrator, py_command
+    from trainorch_jupyter.model import JobState
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "README.md").write_bytes(b"my own notes\n")
+    with orchestrator(tmp_path / "ws") as orch:
+        job = orch.submit({"name": "card", "auto_download": False, "command": py_command(WRITE_JOB_FILES)})
+        assert job.wait(60).state is JobState.COMPLETED
+        own = tmp_path / "ws" / "artifacts" / job.id
+        with pytest.raises(DestinationConflict, match=r"README\.md.*--overwrite"):
+            job.download(mine).result(60)
+        assert tree(mine) == {"README.md": b"my own notes\n"}
+        assert not own.exists()  # refused before the first byte was fetched, anywhere
+
+        infos = job.download(mine, overwrite=True).result(60)
+        assert {i.name: i.path.read_bytes() for i in infos} == JOB_FILES
+        assert all(i.path.parent.is_relative_to(mine) for i in infos)
+        assert tree(own).keys() == {*JOB_FILES, ARTIFACT_INDEX}  # the workspace keeps the original
+        assert [a.name for a in job.record.artifacts] == sorted(JOB_FILES)
+        assert job.download(mine).result(60) == infos  # idempotent: identical files are fine
+
+        # From the local copy too (no runner involved now): the user's edit is not replaced silently.
+        (mine / "sub" / "notes.txt").write_bytes(b"edited by the user\n")
+        with pytest.raises(DestinationConflict, match=r"notes\.txt"):
+            job.download(mine).result(60)
+        assert (mine / "sub" / "notes.txt").read_bytes() == b"edited by the user\n"
+
+        # The job's own folder: its damaged file is fetched again, a file of the user's there is left alone.
+        (own / "adapter.bin").write_bytes(b"damaged")
+        (own / "mine.txt").write_bytes(b"not the job's")
+        again = job.download().result(60)
+        assert {i.name: i.path.read_bytes() for i in again} == JOB_FILES
+        assert (own / "mine.txt").read_bytes() == b"not the job's"
+
+
+def test_seed_api_download_artifact_never_replaces_a_file_in_output_dir(tmp_path: Path) -> None:
+    from tests.helpers import orchestrator, py_command
+    from trainorch_jupyter.compat import TrainingConfig, TrainingOrchestrator
+
+    out = tmp_path / "output"
+    out.mkdir()
+    (out / "adapter.bin").write_bytes(b"the adapter of an earlier run")
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "x"}\n')
+    with orchestrator(tmp_path / "ws") as orch:
+        facade = TrainingOrchestrator(orch)
+        facade.create_job(TrainingConfig(job_id="seed", model_name="tiny", dataset_path=str(data),
+                                         output_dir=str(out)))
+        # A command job stands in for the training run (the download path is the same).
+        job = orch.submit({"name": "seed", "command": py_command(WRITE_JOB_FILES)})
+        facade._ids["seed"] = job.id
+        job.wait(60)
+        with pytest.raises(DestinationConflict, match=r"adapter\.bin"):
+            asyncio.run(facade.download_artifact("seed"))
+        assert tree(out) == {"adapter.bin": b"the adapter of an earlier run"}
+        info = asyncio.run(facade.download_artifact("seed", overwrite=True))
+        assert (out / "adapter.bin").read_bytes() == ADAPTER and info.path.parent == out.resolve()

@@ -5,8 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 from pathlib import Path
 
+import pytest
+
+from .kernel_utils import KernelSession
 from .nbrun import errors_of, run_cells, text_of
 
 WRITE_FILE = (
@@ -80,10 +84,25 @@ def test_bad_input_is_a_usage_error_without_traceback(tmp_path: Path) -> None:
 
 
 def test_help_texts(tmp_path: Path) -> None:
-    out = run_cells(["%load_ext trainorch_jupyter", "%train submit -h", "%train?", "%train"], tmp_path)
-    assert "--max-runtime" in text_of(out[1]) and "--lora-r" in text_of(out[1])
-    # %train? shows the docstring in the pager (a payload), %train alone prints the overview.
-    assert "%train logs" in text_of(out[3]) and "%%train submit" in text_of(out[3])
+    with KernelSession(tmp_path) as ks:
+        ks.run("%load_ext trainorch_jupyter")
+        sub = ks.run("%train submit -h").stdout
+        assert "--max-runtime" in sub and "--lora-r" in sub
+        # %train? shows the docstring in the pager: a "page" payload of the execute reply, nothing on IOPub.
+        msg_id = ks.kc.execute("%train?", allow_stdin=False)
+        while True:
+            reply = ks.kc.get_shell_msg(timeout=60)
+            if reply["parent_header"].get("msg_id") == msg_id:
+                break
+        assert reply["content"]["status"] == "ok", reply["content"]
+        pages = [p["data"]["text/plain"] for p in reply["content"].get("payload", []) if p.get("source") == "page"]
+        assert len(pages) == 1, reply["content"]
+        for text in (pages[0], ks.run("%train").stdout):  # %train alone prints the same overview
+            for sub_help in ("%train submit", "%train status", "%train logs", "%train cancel", "%train list",
+                             "%train download", "%train panel", "%train dashboard", "%%train submit"):
+                assert sub_help in text, (sub_help, text)
+            assert "--overwrite" in text and "--timeout" in text and "--no-download" in text
+            assert "%%train status" not in text and "%%train download" not in text  # usage lines: one "%"
 
 
 def test_cell_magic_yaml_and_toml_specs(tmp_path: Path) -> None:
@@ -118,7 +137,6 @@ def test_cell_magic_yaml_and_toml_specs(tmp_path: Path) -> None:
 
 
 def test_kernel_dies_mid_run_and_a_new_kernel_reattaches(tmp_path: Path) -> None:
-    import pytest
     from nbclient.exceptions import DeadKernelError
 
     from trainorch_jupyter.store import Store
@@ -177,3 +195,120 @@ def test_top_level_await_on_the_handle_and_the_async_api(tmp_path: Path) -> None
     assert "AWAITED COMPLETED" in text_of(out[1])
     assert "FILES []" in text_of(out[2])  # the command wrote no files
     assert "TIMED OUT" in text_of(out[2]) and "CANCELLED CANCELLED" in text_of(out[2])
+
+
+JOB_WITH_OPTIONS = """
+import os, pathlib
+print("IN", (pathlib.Path(os.environ["TRAINORCH_INPUT_DIR"]) / "data.txt").read_text().strip())
+print("ENV", os.environ["GREETING"], "|", os.environ["X"], "|")
+out = pathlib.Path(os.environ["TRAINORCH_OUTPUT_DIR"])
+(out / "README.md").write_text("model card from the job\\n")
+(out / "adapter.bin").write_bytes(bytes(range(256)) * 64)
+"""
+
+
+def _one_usage_error(cell: dict[str, object]) -> str:
+    shown = text_of(cell)
+    assert not errors_of(cell) and shown.startswith("UsageError: "), shown
+    assert len(shown.strip().splitlines()) == 1 and "Traceback" not in shown, shown
+    return shown
+
+
+def test_submit_options_list_filters_and_a_download_that_never_clobbers(tmp_path: Path) -> None:
+    """README promises (issue 7 item 22): --input, --env K=V, --no-download, %train list --state/--provider;
+    a quoted ' -- ' inside an option value (item 14); %train download --to never replaces a user's file (item 1)."""
+    (tmp_path / "job.py").write_text(JOB_WITH_OPTIONS)
+    (tmp_path / "data.txt").write_text("rows from the input file\n")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "README.md").write_text("my own notes\n")
+    cells = [
+        "%load_ext trainorch_jupyter",
+        "job = %train submit --wait --name opts --input data.txt --env GREETING=hello --env 'X=a -- b' "
+        f"--no-download -- python {tmp_path / 'job.py'}\nprint('JOB', job.id)",
+        "import os\nrec = job.record\n"
+        "print('STATE', rec.state.value, 'AUTO', rec.spec.auto_download, 'ARTS', len(rec.artifacts),"
+        " 'DIR', os.path.exists('artifacts/' + job.id), 'ENV', sorted(rec.spec.env.items()))",
+        "print(job.logs())",
+        "bad = %train submit --wait --name broken -- python -c 'import sys; sys.exit(3)'\nprint('BAD', bad.id)",
+        "%train list --state FAILED",
+        "%train list --state completed --provider local",
+        "%train list --provider nowhere",
+        "%train list --state bogus",
+        "%train download opts --to mine",
+        "print('MINE', sorted(os.listdir('mine')), repr(open('mine/README.md').read()), os.path.exists('artifacts'))",
+        "%train download opts --to mine --overwrite",
+        "%train download opts --to mine",
+    ]
+    out = run_cells(cells, tmp_path, allow_errors=True)
+    for i in (1, 2, 3, 4, 5, 6, 7, 10, 11, 12):
+        assert not errors_of(out[i]) and "Error" not in text_of(out[i]), (cells[i], text_of(out[i]))
+    job_id = re.search(r"JOB (opts-\S+)", text_of(out[1])).group(1)  # type: ignore[union-attr]
+    bad_id = re.search(r"BAD (broken-\S+)", text_of(out[4])).group(1)  # type: ignore[union-attr]
+    assert ("STATE COMPLETED AUTO False ARTS 0 DIR False ENV [('GREETING', 'hello'), ('X', 'a -- b')]"
+            in text_of(out[2])), text_of(out[2])
+    assert "IN rows from the input file" in text_of(out[3])
+    assert "ENV hello | a -- b |" in text_of(out[3])
+    assert bad_id in text_of(out[5]) and job_id not in text_of(out[5])
+    assert job_id in text_of(out[6]) and bad_id not in text_of(out[6])
+    assert job_id not in text_of(out[7]) and bad_id not in text_of(out[7])
+    assert "unknown state 'bogus'" in _one_usage_error(out[8])
+    refused = _one_usage_error(out[9])
+    assert "README.md" in refused and "--overwrite" in refused and "adapter.bin" not in refused
+    # Nothing was written, anywhere: refused before the first byte was fetched.
+    assert "MINE ['README.md'] 'my own notes\\n' False" in text_of(out[10]), text_of(out[10])
+    assert "README.md" in text_of(out[11]) and "adapter.bin" in text_of(out[11]) and "verified" in text_of(out[11])
+    assert (mine / "README.md").read_text() == "model card from the job\n"
+    assert (mine / "adapter.bin").read_bytes() == bytes(range(256)) * 64
+    assert text_of(out[12]).count("  verified  -> ") == 2  # a second time: identical files are fine
+
+
+WAIT_FOR_RELEASE = """
+import os, pathlib, time
+release = pathlib.Path(os.environ["RELEASE"])
+deadline = time.monotonic() + 120
+while not release.exists() and time.monotonic() < deadline:
+    time.sleep(0.05)
+(pathlib.Path(os.environ["TRAINORCH_OUTPUT_DIR"]) / "late.txt").write_text("late")
+"""
+
+
+def test_download_is_bounded_and_ctrl_c_stops_it(tmp_path: Path) -> None:
+    """Issue 7 item 14: %train download waited with .result() and no timeout. Now --timeout (default 10 min)
+    stops the download with a clear message, Ctrl-C stops it at once, and neither touches the job."""
+    from tests.helpers import wait_for
+
+    script, release = tmp_path / "job.py", tmp_path / "release"
+    script.write_text(WAIT_FOR_RELEASE)
+    with KernelSession(tmp_path) as ks:
+        ks.run("%load_ext trainorch_jupyter\nfrom trainorch_jupyter import get_orchestrator\norch = get_orchestrator()")
+        ks.run(f"job = %train submit --name slow --no-download --env RELEASE={release} -- python {script}")
+        ks.run("import time\nwhile job.status.value != 'RUNNING': time.sleep(0.05)")
+        free_lock = ("t0 = time.monotonic()\n"
+                     "while orch._download_locks[job.id].locked() and time.monotonic() - t0 < 20: time.sleep(0.05)\n"
+                     "print('LOCKED', orch._download_locks[job.id].locked(), 'STATE', job.status.value)")
+
+        timed = ks.run("%train download --timeout 1", check=False)
+        assert timed.error is None, timed.error
+        assert timed.stderr.startswith("UsageError: ") and len(timed.stderr.strip().splitlines()) == 1, timed.stderr
+        assert f"job {ks.run('print(job.id)').stdout.strip()} is still RUNNING after 1s" in timed.stderr
+        assert "download stopped" in timed.stderr
+        # The download was stopped, not left waiting in the background; the job goes on.
+        assert ks.run(free_lock).stdout.split() == ["LOCKED", "False", "STATE", "RUNNING"]
+
+        waiting = ks.submit("%train download")  # waits for the job's end
+        wait_for(lambda: any(m.parent_id == waiting.msg_id and m.msg_type == "execute_input"
+                             for m in ks.iter_messages()), timeout=30, what="the cell to start")
+        time.sleep(2.0)  # into the wait
+        assert ks.km is not None
+        ks.km.interrupt_kernel()
+        ks.wait(waiting, timeout=30)
+        assert waiting.error is None, waiting.error  # no KeyboardInterrupt traceback
+        assert "stopped waiting for job" in waiting.stderr and "which goes on" in waiting.stderr, waiting.stderr
+        assert ks.run(free_lock).stdout.split() == ["LOCKED", "False", "STATE", "RUNNING"]
+
+        release.touch()
+        assert ks.run("print(job.wait(60).state.value)").stdout.strip() == "COMPLETED"
+        done = ks.run("%train download slow --timeout 60")
+        assert "late.txt" in done.stdout and "verified" in done.stdout
+    assert (tmp_path / "artifacts").is_dir()

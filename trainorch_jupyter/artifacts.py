@@ -17,22 +17,37 @@ only then fsynced and renamed into place. So a file under ``artifacts/<job_id>/`
   :data:`_READ_SIZE` bytes per socket read instead of httpcore's 64 KiB (``benchmarks/bench_download.py``).
 - Request headers (the runner's bearer token) never go into a file, a log line or an exception; URLs are recorded
   without query string or user info.
+
+Destinations. A download never replaces a file it did not place itself. Before the first byte is fetched the whole
+destination is checked (:func:`plan_placement`): a file already there with the same SHA-256 is kept as it is (a
+re-download is idempotent); one with other bytes stops the download with :class:`DestinationConflict`, which lists
+every such file, unless ``overwrite=True``. The one exception is the job's own folder (``artifacts/<job_id>/``,
+``own_folder=True``): there the files named in the manifest, and ``trainorch-artifact.json``, are the download's own
+and are replaced; any other file in it is never touched. Free disk space on the destination's filesystem is checked
+against what is still to be written, also before the first byte (:class:`NotEnoughSpace`). A file that appears in
+the destination while the download runs is not replaced either: a new file is placed with ``link()``, which fails
+rather than replace.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import os
 import re
+import secrets
+import shutil
+import stat
 import struct
 import tempfile
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -40,7 +55,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import httpcore
 import httpx
 
-from trainorch_jupyter.model import ArtifactInfo, IntegrityError, RunnerError, utcnow
+from trainorch_jupyter.model import ArtifactInfo, IntegrityError, RunnerError, TrainorchError, utcnow
 
 try:  # POSIX advisory locks: two downloads of the same file must not write one .part
     import fcntl
@@ -49,10 +64,19 @@ except ImportError:  # pragma: no cover - Windows
 
 __all__ = [
     "ARTIFACT_INDEX",
+    "MAX_MANIFEST_FILES",
     "ArtifactMismatch",
+    "DestinationConflict",
+    "NotEnoughSpace",
+    "Placement",
+    "check_destination",
+    "check_free_space",
     "check_safetensors",
+    "copy_artifacts",
     "download_file",
     "download_manifest",
+    "manifest_entries",
+    "plan_placement",
     "redact_url",
     "safe_relpath",
     "verify_local",
@@ -74,6 +98,9 @@ _LOCK_TIMEOUT_S = 3600.0
 _HASH_BLOCK = 1 << 20
 _READ_SIZE = 256 << 10  # bytes per socket read asked of httpcore on the download's connection (its default: 64 KiB)
 _RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+MAX_MANIFEST_FILES = 100_000  # more files than this in one manifest: refused before anything is written
+_MAX_PATH_BYTES = 4096  # a manifest path, UTF-8 (Linux's PATH_MAX)
+_MAX_NAME_BYTES = 255  # one component of it (NAME_MAX)
 _SECRET_KEY_RE = re.compile(r"(token|secret|password|passwd|api[_-]?key|authorization|credential)", re.IGNORECASE)
 
 
@@ -95,6 +122,69 @@ class ArtifactMismatch(IntegrityError):
         if detail:
             msg += f"; {detail}"
         super().__init__(msg)
+
+
+class DestinationConflict(TrainorchError):
+    """Files in the destination would be replaced by a download that did not place them. Nothing was written.
+
+    ``differing``: regular files whose bytes are not the job's (``overwrite=True`` replaces them); ``blocked``:
+    folders or special files where a file must go, or files where a folder must go (never replaced);
+    ``paths``: both.
+    """
+
+    def __init__(self, dest_dir: Path, differing: Sequence[Path] = (), blocked: Sequence[Path] = ()) -> None:
+        self.dest_dir = Path(dest_dir)
+        self.differing = list(differing)
+        self.blocked = list(blocked)
+        self.paths = [*self.differing, *self.blocked]
+        parts = []
+        if self.differing:
+            n = len(self.differing)
+            parts.append(f"{n} file{'s' if n != 1 else ''} already in {self.dest_dir} "
+                         f"{'hold' if n != 1 else 'holds'} other content than the job's: "
+                         f"{_list_names(self.dest_dir, self.differing)}; pass --overwrite (overwrite=True) to "
+                         f"replace {'them' if n != 1 else 'it'}, or download to another folder")
+        if self.blocked:
+            parts.append(f"{_list_names(self.dest_dir, self.blocked)} in {self.dest_dir} "
+                         "cannot be replaced by a file of the job (a folder or a special file, or a file where the "
+                         "job has a folder); move it away or download to another folder")
+        super().__init__("download refused, nothing was written: " + "; ".join(parts))
+
+
+class NotEnoughSpace(TrainorchError):
+    """The destination's filesystem has less free space than the download still has to write. Nothing was written."""
+
+    def __init__(self, path: Path, needed: int, free: int) -> None:
+        self.path = Path(path)
+        self.needed = needed
+        self.free = free
+        super().__init__(f"not enough free disk space for the download into {self.path}: it needs {needed} bytes "
+                         f"({_human(needed)}), {free} bytes ({_human(free)}) are free; free some space or download "
+                         "to another folder")
+
+
+def _human(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _list_names(root: Path, paths: Sequence[Path], limit: int = 10) -> str:
+    names = []
+    for p in paths[:limit]:
+        for base in (root, root.resolve()):
+            with contextlib.suppress(ValueError):
+                names.append(str(Path(p).relative_to(base)))
+                break
+        else:
+            names.append(str(p))
+    text = ", ".join(names)
+    if len(paths) > limit:
+        text += f" and {len(paths) - limit} more"
+    return text
 
 
 class _Mismatch(Exception):
@@ -258,6 +348,215 @@ async def _open_locked(part: Path, name: str) -> IO[bytes]:
 
 
 # --------------------------------------------------------------------------------------------
+# Destinations: never replace what the download did not place; enough free space
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Placement:
+    """What a download into ``dest_dir`` will do, decided before its first byte (:func:`plan_placement`)."""
+
+    dest_dir: Path
+    present: set[str] = field(default_factory=set)  # already there with the same bytes: left as they are
+    replace: set[str] = field(default_factory=set)  # there with other bytes, and the download may replace them
+    new: set[str] = field(default_factory=set)  # not there yet
+    index_exists: bool = False  # trainorch-artifact.json is there (and may be replaced)
+    needed_bytes: int = 0  # the sizes of the files still to be written
+    resumable_bytes: int = 0  # of which .part files of an earlier download already hold this many
+
+
+def _same_content(path: Path, size: int, sha256: str) -> bool:
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+            return False
+        h, _ = _hash_file(path)
+    except OSError:
+        return False
+    return bool(h.hexdigest() == sha256)
+
+
+def _index_equivalent(path: Path, job_id: str, entries: Sequence[tuple[str, int, str]]) -> bool:
+    """True when ``path`` is this job's artifact index listing exactly ``entries`` (its dates may differ)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(64 << 20)
+        data = json.loads(raw)
+        if not isinstance(data, dict) or data.get("job_id") != job_id or not isinstance(data.get("files"), list):
+            return False
+        listed = {(str(f["metadata"]["name"]), int(f["size_bytes"]), str(f["hash_sha256"])) for f in data["files"]}
+    except (OSError, ValueError, TypeError, KeyError):
+        return False
+    return listed == set(entries)
+
+
+def plan_placement(dest_dir: Path, entries: Sequence[tuple[str, int, str]], *, job_id: str,
+                   own_folder: bool = False, overwrite: bool = False) -> Placement:
+    """Check ``dest_dir`` for the files ``entries`` (name, size, sha256) before anything is written.
+
+    A file already there with the same size and SHA-256 is left as it is. One with other bytes may be replaced
+    only with ``overwrite`` or in the job's ``own_folder`` (``artifacts/<job_id>/``, where the files named in the
+    manifest are the download's own); else it is a conflict. ``trainorch-artifact.json`` is checked the same way
+    (an index of this job listing the same files counts as identical). A folder or special file where a file must
+    go, or a file where a folder must go, is never replaced. Raises :class:`DestinationConflict` listing every
+    conflict at once, or IntegrityError for a name that could leave the folder (symlinks included).
+    """
+    dest_dir = Path(dest_dir)
+    plan = Placement(dest_dir)
+    differing: list[Path] = []
+    blocked: list[Path] = []
+    if os.path.lexists(dest_dir) and not dest_dir.is_dir():
+        raise DestinationConflict(dest_dir, blocked=[dest_dir])
+    root = dest_dir.resolve()
+    for rel, size, sha in entries:
+        final, part = _target(dest_dir, rel)
+        probe = root
+        parent_ok = True
+        for comp in PurePosixPath(rel).parts[:-1]:
+            probe = probe / comp
+            if os.path.lexists(probe) and not probe.is_dir():
+                if probe not in blocked:
+                    blocked.append(probe)
+                parent_ok = False
+                break
+        if not parent_ok:
+            continue
+        try:
+            st = os.lstat(final)
+        except FileNotFoundError:
+            plan.new.add(rel)
+        else:
+            if not stat.S_ISREG(st.st_mode):
+                blocked.append(final)
+                continue
+            if st.st_size == size and _same_content(final, size, sha):
+                plan.present.add(rel)
+                continue
+            if not (own_folder or overwrite):
+                differing.append(final)
+                continue
+            plan.replace.add(rel)
+        plan.needed_bytes += size
+        with contextlib.suppress(OSError):
+            have = os.lstat(part).st_size
+            if have <= size:
+                plan.resumable_bytes += have
+    index = dest_dir / ARTIFACT_INDEX
+    try:
+        st = os.lstat(index)
+    except FileNotFoundError:
+        pass
+    else:
+        plan.index_exists = True
+        if not stat.S_ISREG(st.st_mode):
+            blocked.append(index)
+        elif not (own_folder or overwrite or _index_equivalent(index, job_id, entries)):
+            differing.append(index)
+    if differing or blocked:
+        raise DestinationConflict(dest_dir, differing, blocked)
+    return plan
+
+
+def check_free_space(path: Path, needed: int) -> None:
+    """Raise :class:`NotEnoughSpace` when the filesystem of ``path`` (or of its nearest existing parent) has fewer
+    than ``needed`` bytes free for this user."""
+    if needed <= 0:
+        return
+    probe = Path(path).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError as exc:  # pragma: no cover - an odd filesystem: the write itself will tell
+        log.debug("free space of %s unknown: %s", probe, exc)
+        return
+    if needed > free:
+        raise NotEnoughSpace(Path(path), needed, free)
+
+
+def check_destination(dest_dir: Path, manifest: Mapping[str, Any], *, job_id: str, own_folder: bool = False,
+                      overwrite: bool = False) -> Placement:
+    """:func:`plan_placement` and :func:`check_free_space` for the runner's ``manifest``; nothing is written."""
+    plan = plan_placement(dest_dir, manifest_entries(manifest), job_id=job_id, own_folder=own_folder,
+                          overwrite=overwrite)
+    check_free_space(dest_dir, plan.needed_bytes - (plan.resumable_bytes if own_folder else 0))
+    return plan
+
+
+def _place(src: Path, final: Path, *, overwrite: bool, dest_dir: Path, size: int, sha256: str) -> None:
+    """Move the verified ``src`` to ``final``. Without ``overwrite`` a file that appeared at ``final`` meanwhile
+    is not replaced (``link`` fails where ``rename`` would replace): DestinationConflict, unless it holds the same
+    bytes (another download of the same file finished first)."""
+    if overwrite:
+        os.replace(src, final)
+    else:
+        try:
+            os.link(src, final)
+        except FileExistsError:
+            _unlink(src)
+            if _same_content(final, size, sha256):
+                return
+            raise DestinationConflict(dest_dir, [final]) from None
+        except OSError:  # no hard links on this filesystem: check, then rename (a narrow window)
+            if os.path.lexists(final):
+                _unlink(src)
+                if _same_content(final, size, sha256):
+                    return
+                raise DestinationConflict(dest_dir, [final]) from None
+            os.replace(src, final)
+        else:
+            _unlink(src)
+    _fsync_dir(final.parent)
+
+
+def copy_artifacts(infos: Sequence[ArtifactInfo], dest_dir: Path, *, job_id: str, overwrite: bool = False,
+                   index_source: Path | None = None) -> list[ArtifactInfo]:
+    """Copy verified files (from ``artifacts/<job_id>/``) into a folder of the user's, with the rules of
+    :func:`plan_placement` (not the job's own folder) and the free-space check, both before the first byte.
+
+    Each copy is hashed before it is placed. The index is ``index_source``'s with the new paths.
+    """
+    dest_dir = Path(dest_dir)
+    entries = [(i.name, i.size_bytes, i.hash_sha256) for i in infos]
+    plan = plan_placement(dest_dir, entries, job_id=job_id, overwrite=overwrite)
+    check_free_space(dest_dir, plan.needed_bytes)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    out: list[ArtifactInfo] = []
+    for info in infos:
+        final, _ = _target(dest_dir, info.name)
+        if info.name not in plan.present:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            # A fresh hidden name (never a file of the user's), created with the usual mode (not mkstemp's 0600).
+            tmp = final.with_name(f".{final.name}.{secrets.token_hex(6)}{_PART_SUFFIX}")
+            try:
+                with open(tmp, "xb") as out_f, open(info.path, "rb") as in_f:
+                    shutil.copyfileobj(in_f, out_f, _HASH_BLOCK)
+                    out_f.flush()
+                    os.fsync(out_f.fileno())
+                h, n = _hash_file(tmp)
+                if n != info.size_bytes or h.hexdigest() != info.hash_sha256:
+                    raise ArtifactMismatch(info.name, expected_sha256=info.hash_sha256, got_sha256=h.hexdigest(),
+                                           expected_size=info.size_bytes, got_size=n, attempts=1,
+                                           detail=f"{info.path} changed after it was verified")
+                _place(tmp, final, overwrite=info.name in plan.replace, dest_dir=dest_dir, size=info.size_bytes,
+                       sha256=info.hash_sha256)
+            finally:
+                _unlink(tmp)
+        out.append(replace(info, path=final))
+    data: dict[str, Any] = {}
+    if index_source is not None:
+        with contextlib.suppress(OSError, ValueError):
+            loaded = json.loads(Path(index_source).read_text(encoding="utf-8"))
+            if isinstance(loaded, dict):
+                data = loaded
+    data.setdefault("job_id", job_id)
+    data.setdefault("created_at", utcnow().isoformat())
+    data["files"] = [i.to_dict() for i in out]
+    _write_json_atomic(dest_dir / ARTIFACT_INDEX, data, overwrite=plan.index_exists)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # The writer thread
 # --------------------------------------------------------------------------------------------
 
@@ -324,10 +623,13 @@ async def download_file(
     dest_dir: Path,
     chunk_size: int = 1 << 20,
     progress: Callable[[int, int], None] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Download ``url`` to ``dest_dir/name``, verified against ``expected_size`` and ``expected_sha256``.
 
-    Returns the final path. Skips the download when the final file is already there with the right hash.
+    Returns the final path. Skips the download when the final file is already there with the right hash; a file
+    there with other bytes is replaced only with ``overwrite`` (else :class:`DestinationConflict` before anything
+    is written), and the free space is checked first (:class:`NotEnoughSpace`).
     Raises IntegrityError for a bad name (before anything is written) and :class:`ArtifactMismatch` when the bytes
     still do not match after one retry from scratch (nothing is left in place then); raises RunnerError when the
     server refuses or the connection keeps failing (the ``.part`` stays for a later resume).
@@ -340,13 +642,22 @@ async def download_file(
     safe_url = redact_url(url)
     loop = asyncio.get_running_loop()
 
-    if final.is_file() and final.stat().st_size == expected_size:
-        h, _ = await loop.run_in_executor(None, _hash_file, final)
-        if h.hexdigest() == expected_sha256:
-            log.debug("%s: already present and verified", name)
-            if progress is not None:
-                progress(expected_size, expected_size)
-            return final
+    if os.path.lexists(final):
+        if final.is_file() and final.stat().st_size == expected_size:
+            h, _ = await loop.run_in_executor(None, _hash_file, final)
+            if h.hexdigest() == expected_sha256:
+                log.debug("%s: already present and verified", name)
+                if progress is not None:
+                    progress(expected_size, expected_size)
+                return final
+        if not final.is_file():
+            raise DestinationConflict(Path(dest_dir), blocked=[final])
+        if not overwrite:
+            raise DestinationConflict(Path(dest_dir), [final])
+    have_part = 0
+    with contextlib.suppress(OSError):
+        have_part = os.lstat(part).st_size
+    check_free_space(final.parent, expected_size - (have_part if have_part <= expected_size else 0))
 
     final.parent.mkdir(parents=True, exist_ok=True)
     last: _Mismatch | None = None
@@ -375,8 +686,9 @@ async def download_file(
             await loop.run_in_executor(None, os.fsync, f.fileno())
             if fcntl is None:  # pragma: no cover - Windows cannot rename an open file
                 f.close()
-            os.replace(part, final)
-            _fsync_dir(final.parent)
+            await loop.run_in_executor(None, functools.partial(
+                _place, part, final, overwrite=overwrite, dest_dir=Path(dest_dir), size=expected_size,
+                sha256=expected_sha256))
             log.debug("%s: verified and placed (%d bytes)", name, expected_size)
             if progress is not None:
                 progress(expected_size, expected_size)
@@ -607,17 +919,25 @@ async def download_manifest(
     job_id: str,
     metadata: Mapping[str, Any],
     progress: Callable[[str, int, int], None] | None = None,
+    own_folder: bool = True,
+    overwrite: bool = False,
 ) -> list[ArtifactInfo]:
-    """Download every file of the runner's ``manifest`` into ``dest_dir`` (``artifacts/<job_id>/``), verified.
+    """Download every file of the runner's ``manifest`` into ``dest_dir``, verified.
 
-    Every name is checked before anything is written. ``*.safetensors`` files get their header checked. Then
-    ``dest_dir/trainorch-artifact.json`` is written atomically with the job's ``metadata`` (keys that look like
-    secrets are dropped) and one :class:`ArtifactInfo` per file, which are also returned.
+    ``own_folder`` (the default): ``dest_dir`` is the job's own ``artifacts/<job_id>/``, whose files named in the
+    manifest (and ``trainorch-artifact.json``) the download replaces when they differ; with ``own_folder=False``
+    any file there with other bytes is a :class:`DestinationConflict` unless ``overwrite``. Every name, every
+    existing file and the free disk space are checked before anything is written (:func:`plan_placement`);
+    files already there with the right hash are not fetched again. ``*.safetensors`` files get their header
+    checked. Then ``dest_dir/trainorch-artifact.json`` is written atomically with the job's ``metadata`` (keys that
+    look like secrets are dropped) and one :class:`ArtifactInfo` per file, which are also returned.
     """
-    entries = _manifest_entries(manifest)
+    entries = manifest_entries(manifest)
     dest_dir = Path(dest_dir)
-    for rel, _size, _sha in entries:  # reject every bad name before the first write
-        _target(dest_dir, rel)
+    loop = asyncio.get_running_loop()
+    plan = await loop.run_in_executor(None, functools.partial(
+        plan_placement, dest_dir, entries, job_id=job_id, own_folder=own_folder, overwrite=overwrite))
+    check_free_space(dest_dir, plan.needed_bytes - plan.resumable_bytes)
     dest_dir.mkdir(parents=True, exist_ok=True)
     infos: list[ArtifactInfo] = []
     for rel, size, sha in entries:
@@ -626,8 +946,14 @@ async def download_manifest(
         if progress is not None:
             def cb(done: int, total: int, _rel: str = rel) -> None:
                 progress(_rel, done, total)
-        path = await download_file(http, url, headers=headers, name=rel, expected_size=size, expected_sha256=sha,
-                                   dest_dir=dest_dir, progress=cb)
+        if rel in plan.present:  # hashed a moment ago by plan_placement
+            path = _target(dest_dir, rel)[0]
+            if cb is not None:
+                cb(size, size)
+        else:
+            path = await download_file(http, url, headers=headers, name=rel, expected_size=size,
+                                       expected_sha256=sha, dest_dir=dest_dir, progress=cb,
+                                       overwrite=rel in plan.replace)
         info_meta: dict[str, Any] = {"name": rel, "verified": True, "source_url": redact_url(url)}
         if path.suffix == ".safetensors":
             loop = asyncio.get_running_loop()
@@ -640,20 +966,35 @@ async def download_manifest(
         "metadata": _scrub(dict(metadata)),
         "files": [i.to_dict() for i in infos],
     }
-    _write_json_atomic(dest_dir / ARTIFACT_INDEX, index)
+    _write_json_atomic(dest_dir / ARTIFACT_INDEX, index, overwrite=own_folder or plan.index_exists)
     return infos
 
 
-def _manifest_entries(manifest: Mapping[str, Any]) -> list[tuple[str, int, str]]:
+def manifest_entries(manifest: Mapping[str, Any]) -> list[tuple[str, int, str]]:
+    """(path, size, sha256) of every file of the runner's manifest, checked: IntegrityError for a malformed one.
+
+    An untrusted runner's answer is bounded: at most :data:`MAX_MANIFEST_FILES` files, paths of at most 4096
+    bytes with components of at most 255, and ``total_size`` (when given) must be the sum of the sizes.
+    """
     files = manifest.get("files") if isinstance(manifest, Mapping) else None
     if not isinstance(files, list):
         raise IntegrityError("the runner's manifest has no 'files' list")
+    if len(files) > MAX_MANIFEST_FILES:
+        raise IntegrityError(f"the runner's manifest lists {len(files)} files, more than the {MAX_MANIFEST_FILES} "
+                             "a download accepts")
     out: list[tuple[str, int, str]] = []
     seen: set[str] = set()
     for i, entry in enumerate(files):
         if not isinstance(entry, Mapping) or not isinstance(entry.get("path"), str):
             raise IntegrityError(f"manifest entry {i} has no 'path'")
         rel = entry["path"]
+        try:
+            encoded = rel.encode("utf-8")
+        except UnicodeEncodeError:
+            raise IntegrityError(f"manifest entry {i}: path {rel!r} is not valid UTF-8") from None
+        if len(encoded) > _MAX_PATH_BYTES or any(len(c) > _MAX_NAME_BYTES for c in encoded.split(b"/")):
+            raise IntegrityError(f"manifest entry {i}: path {rel[:80]!r}... is longer than {_MAX_PATH_BYTES} bytes "
+                                 f"or has a component longer than {_MAX_NAME_BYTES}")
         safe_relpath(rel)
         size, sha = _check_expected(rel, entry.get("size"), entry.get("sha256"))
         if rel in seen:
@@ -666,7 +1007,15 @@ def _manifest_entries(manifest: Mapping[str, Any]) -> list[tuple[str, int, str]]
         for k in range(1, len(parts)):
             if "/".join(parts[:k]) in seen:
                 raise IntegrityError(f"manifest lists {'/'.join(parts[:k])!r} as a file and as a folder")
+    total = manifest.get("total_size")
+    if total is not None and (not isinstance(total, int) or isinstance(total, bool)
+                              or total != sum(size for _, size, _ in out)):
+        raise IntegrityError(f"the runner's manifest gives total_size {total!r}, but its files add up to "
+                             f"{sum(size for _, size, _ in out)} bytes")
     return out
+
+
+_manifest_entries = manifest_entries  # the earlier private name
 
 
 def _scrub(value: Any) -> Any:
@@ -678,7 +1027,9 @@ def _scrub(value: Any) -> Any:
     return value
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
+def _write_json_atomic(path: Path, data: Any, *, overwrite: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically; without ``overwrite`` an existing file there is not replaced
+    (:class:`DestinationConflict`)."""
     text = json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -686,11 +1037,11 @@ def _write_json_atomic(path: Path, data: Any) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        raw = text.encode("utf-8")
+        _place(Path(tmp), path, overwrite=overwrite, dest_dir=path.parent, size=len(raw),
+               sha256=hashlib.sha256(raw).hexdigest())
+    finally:
         _unlink(Path(tmp))
-        raise
-    _fsync_dir(path.parent)
 
 
 # --------------------------------------------------------------------------------------------

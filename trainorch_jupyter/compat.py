@@ -15,7 +15,8 @@ if status.state == TrainingState.COMPLETED:
 
 The seed's ``job_id`` is the caller's own name for the job; the orchestrator's job id (readable,
 unique) is kept beside it and shown as ``status.orchestrator_job_id``. ``output_dir`` is where the
-verified adapter is copied after download (the workspace's ``artifacts/<id>/`` keeps the original).
+verified adapter is copied after download (the workspace's ``artifacts/<id>/`` keeps the original); a file already
+there with other bytes is not replaced unless ``download_artifact(job_id, overwrite=True)``.
 """
 
 from __future__ import annotations
@@ -114,13 +115,16 @@ class TrainingOrchestrator:
         self.orchestrator.wait(self._id(job_id), timeout)
         return self.get_status(job_id)
 
-    async def download_artifact(self, job_id: str) -> ArtifactInfo:
-        """The job's adapter (``adapter_model.safetensors`` when there is one), verified by SHA-256."""
+    async def download_artifact(self, job_id: str, *, overwrite: bool = False) -> ArtifactInfo:
+        """The job's adapter (``adapter_model.safetensors`` when there is one), verified by SHA-256.
+
+        With an ``output_dir`` the files are also copied there; a file already in it with other bytes is never
+        replaced unless ``overwrite`` (``DestinationConflict``, raised before anything is written there)."""
         real = self._id(job_id)
         config = self._configs.get(job_id)
         infos = await self.orchestrator.download(real)
         if config is not None and config.output_dir:
-            infos = await self.orchestrator.download(real, to=Path(config.output_dir))
+            infos = await self.orchestrator.download(real, to=Path(config.output_dir), overwrite=overwrite)
         if not infos:
             raise FileNotFoundError(f"job {job_id} produced no files")
         for info in infos:

@@ -7,8 +7,8 @@ IPython's ``UsageError`` (printed as one line, no traceback) before anything is 
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
-import re
 import shlex
 import sys
 import time
@@ -36,6 +36,8 @@ from .orchestrator import JobHandle, Orchestrator, get_orchestrator
 from .store import tail_lines
 
 SUBCOMMANDS = ("submit", "status", "logs", "cancel", "list", "download", "panel", "dashboard")
+DOWNLOAD_TIMEOUT_S = 600.0  # %train download gives up (and stops the download) after this long by default
+_WAIT_SLICE_S = 0.25  # a wait in the kernel's main thread is cut in slices like this (Ctrl-C is seen at once)
 
 
 def _trainer_arguments(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -127,8 +129,18 @@ def _list_parser(line: str) -> None:
 @magic_arguments()
 @argument("job", nargs="?", default=None, help="job id or unique prefix (default: the most recent job)")
 @argument("--to", default=None, help="folder to put the verified files in (default: artifacts/<job_id>/)")
+@argument("--overwrite", action="store_true",
+          help="replace files already in --to that hold other bytes (without it the download stops before "
+               "writing anything and lists them)")
+@argument("--timeout", default=None, metavar="DURATION",
+          help=f"give up after this long: 90, 10m, 2h (default {DOWNLOAD_TIMEOUT_S // 60:.0f}m); the download is "
+               "then stopped, and the next %%train download resumes it (Ctrl-C stops it at once)")
 def _download_parser(line: str) -> None:
-    """%train download [JOB] [--to DIR] -- fetch the job's files, each verified by SHA-256."""
+    """%train download [JOB] [--to DIR] [--overwrite] [--timeout T] -- fetch the job's files, each verified by SHA-256.
+
+    Never replaces a file it did not place: a file in DIR with other bytes stops it (before anything is
+    written) unless --overwrite; identical files are kept. A running job's files come when it ends.
+    """
 
 
 @magic_arguments()
@@ -156,7 +168,8 @@ _PARSERS: dict[str, Callable[..., Any]] = {
     "dashboard": _dashboard_parser,
 }
 for _name, _fn in _PARSERS.items():
-    _fn.parser.prog = f"%train {_name}"  # type: ignore[attr-defined]
+    # IPython's help formatter puts the "%" before the program name itself.
+    _fn.parser.prog = f"train {_name}"  # type: ignore[attr-defined]
     _fn.parser.add_argument("-h", "--help", action="help", help="show this help")  # type: ignore[attr-defined]
 
 
@@ -172,15 +185,21 @@ def _overview() -> str:
     return "\n".join(parts)
 
 
-def _parse(sub: str, argstring: str) -> Any:
-    fn = _PARSERS[sub]
+def _words(sub: str, argstring: str) -> list[str]:
+    """Shell-style words (quotes removed), unlike IPython's default non-POSIX split."""
     try:
-        # Shell-style words (quotes removed), unlike IPython's default non-POSIX split.
-        return fn.parser.parse_args(shlex.split(argstring))  # type: ignore[attr-defined]
+        return shlex.split(argstring)
+    except ValueError as exc:  # unbalanced quotes
+        raise UsageError(f"%train {sub}: {exc}") from None
+
+
+def _parse(sub: str, args: str | list[str]) -> Any:
+    fn = _PARSERS[sub]
+    words = _words(sub, args) if isinstance(args, str) else args
+    try:
+        return fn.parser.parse_args(words)  # type: ignore[attr-defined]
     except SystemExit:  # -h / --help printed the help
         return None
-    except ValueError as exc:  # unbalanced quotes in shlex
-        raise UsageError(f"%train {sub}: {exc}") from None
 
 
 def _safe_name(text: str) -> str:
@@ -346,15 +365,12 @@ class TrainMagics(Magics):
 
     def _do_submit(self, rest: str, cell: str | None) -> Any:
         command: list[str] | None = None
-        opts = rest
-        sep = re.search(r"(?:^|\s)--(?:\s|$)", rest)
-        if sep is not None:
-            # Split on the first standalone "--": options before, the command after.
-            opts = rest[: sep.start()]
-            try:
-                command = shlex.split(rest[sep.end():].strip())
-            except ValueError as exc:
-                raise UsageError(f"%train submit: the command after -- is not valid shell words: {exc}") from None
+        # Shell words first, then the first word that is "--" itself splits options from the command: a quoted
+        # " -- " inside an option's value (--env 'X=a -- b') is part of that value.
+        opts = _words("submit", rest)
+        if "--" in opts:
+            cut = opts.index("--")
+            opts, command = opts[:cut], opts[cut + 1:]
             if not command:
                 raise UsageError("%train submit: nothing after --; give the command to run")
         args = _parse("submit", opts)
@@ -459,8 +475,33 @@ class TrainMagics(Magics):
         args = _parse("download", rest)
         if args is None:
             return None
+        timeout = DOWNLOAD_TIMEOUT_S if args.timeout is None else parse_duration(args.timeout, "--timeout")
+        if timeout <= 0:
+            raise UsageError("%train download: --timeout must be more than 0 seconds")
         handle = self.orch.job(args.job)
-        infos = handle.download(args.to).result()
+        download = handle.download(args.to, overwrite=args.overwrite)
+        try:
+            infos = _result_within(download, timeout)
+        except KeyboardInterrupt:
+            if download.cancel() or not download.done():
+                if handle.status.is_live:
+                    print(f"\n(stopped waiting for job {handle.id}, which goes on; %train download fetches its "
+                          "files once it ends)", file=sys.stderr)
+                else:
+                    print(f"\n(download of job {handle.id} stopped; the files fetched so far are kept and the "
+                          "next %train download resumes it)", file=sys.stderr)
+                return None
+            infos = download.result()  # it ended just as Ctrl-C came
+        except TimeoutError:
+            download.cancel()
+            state = handle.status
+            if state.is_live:
+                raise UsageError(f"%train download: job {handle.id} is still {state.value} after {timeout:g}s; its "
+                                 "files come when it ends (download stopped: run %train download again then, "
+                                 "or give a longer --timeout)") from None
+            raise UsageError(f"%train download: the download of job {handle.id} did not finish within {timeout:g}s "
+                             "and was stopped; the files fetched so far are kept and the next %train download "
+                             "resumes it (give a longer --timeout for a large adapter)") from None
         for a in infos:
             print(f"{a.name}  {a.size_bytes} B  sha256 {a.hash_sha256}  verified  -> {a.path}")
         return infos
@@ -484,6 +525,20 @@ class TrainMagics(Magics):
         else:
             print(widgets.text_summary(handle))
         return None
+
+
+def _result_within(fut: concurrent.futures.Future[Any], timeout: float) -> Any:
+    """``fut.result()``, waiting at most ``timeout`` s (TimeoutError) in short slices, so that Ctrl-C in the
+    kernel (KeyboardInterrupt) is seen at once whatever the platform's lock waits do."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        try:
+            return fut.result(min(left, _WAIT_SLICE_S))
+        except concurrent.futures.TimeoutError:
+            continue
 
 
 def _read_upto(path: Path, size: int, tail: int | None) -> str:
