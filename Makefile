@@ -21,6 +21,7 @@ demo: $(VENV)/.installed
 	$(PY) -m trainorch_jupyter.demo
 
 test: $(VENV)/.installed
+	sh .ci/ensure-chromium
 	$(PY) -m ruff check trainorch_jupyter tests benchmarks
 	$(PY) -m mypy
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)

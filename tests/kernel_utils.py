@@ -203,13 +203,48 @@ class KernelSession:
         res = self.wait(self.submit(code), timeout)
         return res.check() if check else res
 
-    def send_comm_msg(self, comm_id: str, data: dict[str, Any]) -> None:
-        """What a browser does on a click: a comm_msg on the shell channel."""
+    def send_comm_msg(self, comm_id: str, data: dict[str, Any], *, subshell_id: str | None = None) -> None:
+        """What a browser does on a click: a comm_msg on the shell channel, addressed to a kernel subshell
+        when ``subshell_id`` is given (as JupyterLab >= 4.4 does with ``commsOverSubshells``)."""
         msg = self.kc.session.msg("comm_msg", {"comm_id": comm_id, "data": data})
+        if subshell_id is not None:
+            msg["header"]["subshell_id"] = subshell_id
         self.kc.shell_channel.send(msg)
 
-    def click(self, comm_id: str) -> None:
-        self.send_comm_msg(comm_id, {"method": "custom", "content": {"event": "click"}})
+    def click(self, comm_id: str, *, subshell_id: str | None = None) -> None:
+        self.send_comm_msg(comm_id, {"method": "custom", "content": {"event": "click"}}, subshell_id=subshell_id)
+
+    def control(self, msg_type: str, content: dict[str, Any], timeout: float = 10) -> dict[str, Any]:
+        """Send a control-channel request (e.g. ``create_subshell_request``); its reply's content."""
+        msg = self.kc.session.msg(msg_type, content)
+        self.kc.control_channel.send(msg)
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = self.kc.control_channel.get_msg(timeout=max(0.1, deadline - time.monotonic()))
+            if reply["parent_header"].get("msg_id") == msg["header"]["msg_id"]:
+                return dict(reply["content"])
+
+    def create_subshell(self) -> str:
+        """A subshell made by the frontend (what JupyterLab does for comms), not by the kernel's code."""
+        content = self.control("create_subshell_request", {})
+        assert content.get("status") == "ok", content
+        return str(content["subshell_id"])
+
+    def delete_subshell(self, subshell_id: str) -> None:
+        content = self.control("delete_subshell_request", {"subshell_id": subshell_id})
+        assert content.get("status") == "ok", content
+
+    def restart(self, timeout: float = 60) -> None:
+        """Kill the kernel process and start a new one on the same connection (a user's "Restart Kernel")."""
+        assert self.km is not None
+        self._stop.set()  # wait_for_ready reads IOPub too: one reader at a time on a zmq socket
+        if self._reader is not None:
+            self._reader.join(5)
+        self.km.restart_kernel(now=True)
+        self.kc.wait_for_ready(timeout=timeout)
+        self._stop.clear()
+        self._reader = threading.Thread(target=self._read_iopub, name="iopub-reader", daemon=True)
+        self._reader.start()
 
     def save(self, name: str) -> Path:
         ARTIFACTS.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import threading
 from collections.abc import Callable
@@ -56,6 +57,7 @@ class FakeOrch:
         self.subs: list[tuple[str | None, Callable[[Any], None]]] = []
         self.cancelled: list[str] = []
         self.provider_names = ["local", "runpod"]
+        self.downloads: list[Any] | None = None  # a list: download() returns futures the test ends
 
     def add_job(self, name: str = "demo", state: JobState = JobState.RUNNING, provider: str = "local", **kw: Any) -> Job:
         job = Job(id=f"{name}-20250101-000000-abcdef", spec=JobSpec(name=name, command=("python", "-c", "1")),
@@ -106,7 +108,11 @@ class FakeOrch:
     def download(self, job_id: str) -> Any:
         from concurrent.futures import Future
 
-        f: Future[list[ArtifactInfo]] = Future()
+        if self.downloads is not None:  # the test ends them
+            f: Future[list[ArtifactInfo]] = Future()
+            self.downloads.append(f)
+            return f
+        f = Future()
         f.set_result(self.store.artifacts(job_id))
         return f
 
@@ -265,10 +271,44 @@ def test_log_buffer_matches_the_text_whatever_the_chunks(chunks: list[str], maxl
     assert buf.tail_lines() == expected[-maxlen:]
 
 
-def test_overlap() -> None:
-    assert W._overlap(["a", "b", "c"], ["b", "c", "d"]) == 2
-    assert W._overlap(["a", "b"], ["x"]) == 0
-    assert W._overlap([], ["x"]) == 0
+def test_log_overlap_at_chunk_boundaries() -> None:
+    assert W._log_overlap("a\nb\nc\n", ["b\nc\n", "d\n"], cut=False) == 1
+    assert W._log_overlap("a\nb\n", ["x\n"], cut=False) == 0
+    assert W._log_overlap("", ["x\n"], cut=False) == 0
+    # \r progress redraws are compared as the bytes they are
+    assert W._log_overlap("start\n10%\r50%\r100%\n", ["10%\r50%", "\r100%\n", "next\n"], cut=False) == 2
+    # a partial last line: the chunk that ends it follows
+    assert W._log_overlap("a\nhal", ["hal", "f\n"], cut=False) == 1
+    # the tail is the end of a longer file: a longer prefix of the chunks ending with the whole tail matches
+    assert W._log_overlap("c\nd\n", ["a\nb\nc\n", "d\n", "e\n"], cut=True) == 2
+    assert W._log_overlap("c\nd\n", ["a\nb\nc\n", "d\n", "e\n"], cut=False) == 0
+
+
+def test_panel_opening_on_carriage_return_output_shows_each_line_once(orch: FakeOrch) -> None:
+    """Issue 7 item 14: events that came while the history was read, with \\r progress output, are not doubled."""
+    job = orch.add_job()
+    first = "epoch 1\n"
+    bar = "  0%|   | 0/3\r 33%|#  | 1/3\r 67%|## | 2/3\r100%|###| 3/3\n"
+    after = "epoch 2\n 50%|#  | 1/2\r"  # ends in a partial (redrawn) line
+    for chunk in (first, bar, after):
+        orch.emit(job.id, "log", chunk)  # written to the log file (as the orchestrator does before it emits)
+    later = "100%|###| 2/2\ndone\n"  # comes after the history was read: not in the file yet
+    sched = manual_scheduler()
+    panel = W.JobPanel.__new__(W.JobPanel)  # the events arrive between subscribe and load
+    panel._lock = threading.RLock()
+    panel._loaded = False
+    panel._pending = []
+    panel._closed = False
+    panel._scheduler = sched
+    for chunk in (bar, after, later):
+        panel._on_event(FakeEvent(job.id, "log", chunk))
+    pending = panel._pending
+    real = make_panel(orch, job.id, sched)
+    real._loaded = False
+    real._logbuf = W.LogBuffer(200)
+    real._pending = pending
+    real._load_history()
+    assert real.log_text.splitlines() == ["epoch 1", "100%|###| 3/3", "epoch 2", "100%|###| 2/2", "done"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -464,7 +504,8 @@ def test_cancel_needs_confirmation(orch: FakeOrch) -> None:
 
 def test_download_button(orch: FakeOrch, tmp_path: Path) -> None:
     job = orch.add_job(state=JobState.RUNNING)
-    panel = make_panel(orch, job.id, manual_scheduler())
+    sched = manual_scheduler()
+    panel = make_panel(orch, job.id, sched)
     assert panel.download_button.disabled
     art = _artifact(tmp_path, job.id, "adapter_config.json", b"{}")
     orch.store._artifacts[job.id] = [art]
@@ -472,11 +513,37 @@ def test_download_button(orch: FakeOrch, tmp_path: Path) -> None:
     panel.flush_now()
     assert not panel.download_button.disabled
     panel.download_button.click()
-    for _ in range(200):
-        if "verified in" in panel._action:
-            break
-        threading.Event().wait(0.01)
-    assert "1 file(s) verified" in panel._action
+    sched.tick(1.0)
+    assert "1 file(s) verified" in panel.action_label.value
+    assert not panel.download_button.disabled
+
+
+def test_download_button_never_hangs(orch: FakeOrch, tmp_path: Path) -> None:
+    """Issue 7 item 14: a download that never answers frees the button after a bounded wait; nothing blocks
+    a thread on it, and an end that comes later still shows."""
+    job = orch.add_job(state=JobState.COMPLETED)
+    orch.downloads = []
+    sched = manual_scheduler()
+    panel = make_panel(orch, job.id, sched)
+    panel.download_button.click()
+    assert len(orch.downloads) == 1
+    sched.tick(1.0)
+    assert panel.download_button.disabled and "downloading" in panel.action_label.value
+    sched.tick(3600.0)  # an hour later (the wait is bounded at 15 min)
+    assert not panel.download_button.disabled
+    assert "no answer from the download after 15m 00s" in panel.action_label.value
+    # it ends later: the panel shows its files
+    art = _artifact(tmp_path, job.id, "adapter_config.json", b"{}")
+    orch.downloads[0].set_result([art])
+    sched.tick(3601.0)
+    assert "1 file(s) verified" in panel.action_label.value
+    assert panel.artifact_table.value.count("<tr class='trainorch-artifact'>") == 1
+    # a failed one says so, and frees the button
+    panel.download_button.click()
+    orch.downloads[1].set_exception(RuntimeError("the machine is gone"))
+    sched.tick(3602.0)
+    assert "download failed: the machine is gone" in panel.action_label.value
+    assert not panel.download_button.disabled
 
 
 def test_close_unsubscribes(orch: FakeOrch) -> None:
@@ -594,3 +661,95 @@ def test_formatting() -> None:
     assert W._fmt_bytes(3 * 1024 * 1024) == "3.0 MB"
     assert W._fmt_money(0.001) == "$0.0010"
     assert W._fmt_money(1.5, per_hour=True) == "$1.50/h"
+
+
+# --------------------------------------------------------------------------------------------
+# The click hook (issue 7 item 18): guarded, and the frontend's subshell first
+# --------------------------------------------------------------------------------------------
+
+
+class _KernelStub:
+    def __init__(self, subshells: bool = True) -> None:
+        self._supports_kernel_subshells = subshells
+
+
+@pytest.fixture
+def kernel_stub(monkeypatch: pytest.MonkeyPatch) -> Callable[[bool], None]:
+    from ipykernel.kernelbase import Kernel
+
+    def install(subshells: bool = True) -> None:
+        stub = _KernelStub(subshells)
+        monkeypatch.setattr(Kernel, "initialized", classmethod(lambda cls: True))
+        monkeypatch.setattr(Kernel, "instance", classmethod(lambda cls, *a, **k: stub))
+
+    return install
+
+
+class _Comm:
+    def _reply_subshell_for(self, data: Any, default: Any) -> Any:
+        return default
+
+
+class _OtherComm:
+    def _reply_subshell_for(self, data: Any) -> Any:  # a changed private API
+        return None
+
+
+class _Widget:
+    def __init__(self, comm: Any) -> None:
+        self.comm = comm
+
+
+def test_click_hook_checks_what_it_overrides(kernel_stub: Callable[[bool], None], caplog: pytest.LogCaptureFixture,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRAINORCH_WIDGET_SUBSHELL", raising=False)
+    monkeypatch.setattr(W, "_create_subshell", lambda: "own")
+    assert W._hook_problem(_Comm())[0] == "not in an IPython kernel"
+    kernel_stub(True)
+    router = W._SubshellRouter()
+    comm = _Comm()
+    assert router.route(_Widget(comm))
+    assert router._subshell_id == "own"
+    with monkeypatch.context() as m:
+        m.setattr(W, "_live_subshells", lambda: {"own"})
+        assert comm._reply_subshell_for({}, None) == "own"
+    caplog.set_level(logging.INFO, logger="trainorch_jupyter.widgets")
+    for bad, text in ((object(), "has no _reply_subshell_for(data, default)"),
+                      (_OtherComm(), "is not the (data, default) this hook was written for")):
+        caplog.clear()
+        assert not router.route(_Widget(bad)) and not router.route(_Widget(bad))
+        lines = [r for r in caplog.records if text in r.getMessage()]
+        assert len(lines) == 1 and lines[0].levelno == logging.WARNING  # one clear line, once
+        assert "waits while another cell runs" in lines[0].getMessage()
+    kernel_stub(False)
+    caplog.clear()
+    assert not W._SubshellRouter().route(_Widget(_Comm()))
+    assert [r.levelno for r in caplog.records if "has no kernel subshells" in r.getMessage()] == [logging.INFO]
+    monkeypatch.setenv("TRAINORCH_WIDGET_SUBSHELL", "0")
+    kernel_stub(True)
+    assert not W._SubshellRouter().route(_Widget(_Comm()))
+
+
+def test_click_route_frontend_subshell_then_own_then_main(monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    live: set[str] = {"front", "own"}
+    monkeypatch.setattr(W, "_live_subshells", lambda: set(live))
+    router = W._SubshellRouter()
+    router._subshell_id = "own"
+    assert router._route({}, "front") == "front"  # the official path: where the frontend sent it
+    assert router._route({}, None) == "own"  # sent on the main shell: ours
+    caplog.set_level(logging.WARNING, logger="trainorch_jupyter.widgets")
+    live.discard("front")
+    assert router._route({}, "front") == "own"  # a stale id from the frontend: not dropped
+    assert "the frontend's subshell front is gone" in caplog.text and "own subshell" in caplog.text
+    live.discard("own")
+    caplog.clear()
+    assert router._route({}, None) is None  # ours is gone: the main shell, and the next panel makes one
+    assert router._subshell_id is None and router.stale[-1] == "own"
+    assert "this kernel's own subshell own is gone" in caplog.text and "the main shell" in caplog.text
+    monkeypatch.setattr(W, "_create_subshell", lambda: "own2")
+    assert router.subshell_id() == "own2"
+    monkeypatch.setenv("TRAINORCH_WIDGET_SUBSHELL", "frontend")
+    assert W._SubshellRouter().subshell_id() is None  # frontend only: no subshell of ours
+    live.update({"front", "own2"})
+    assert router._route({}, "front", own=False) == "front" and router._route({}, None, own=False) is None

@@ -38,10 +38,11 @@ EMIT = textwrap.dedent(
 # Cells print their findings as one JSON line; these helpers live in the kernel.
 HELPERS = textwrap.dedent(
     """
-    import json, re, time, ipywidgets
+    import json, os, re, time, ipywidgets
     import trainorch_jupyter.widgets as W
     from trainorch_jupyter.orchestrator import get_orchestrator
     orch = get_orchestrator()
+    wait_until = lambda f, t=30: next((True for _ in range(int(t * 10)) if f() or time.sleep(0.1)), False)
 
     def panels_of(job_id):
         return [w for w in list(ipywidgets.Widget.widgets.values())
@@ -117,7 +118,6 @@ def test_panel_after_a_local_job(ks: KernelSession) -> None:
 
 def test_cancel_handler_cancels_the_job(ks: KernelSession) -> None:
     job_id = submit(ks, "cancel", steps=2000, lines=2000, sleep=0.05, var="long")
-    ks.run("wait_until = lambda f, t=30: next((True for _ in range(int(t * 10)) if f() or time.sleep(0.1)), False)")
     ks.run("assert wait_until(lambda: long.status.value == 'RUNNING')")
     ks.run(f"p = panels_of({job_id!r})[0]; p.cancel_button.click(); assert long.status.value == 'RUNNING'; "
            "p.confirm_button.click()")
@@ -128,21 +128,37 @@ def test_cancel_handler_cancels_the_job(ks: KernelSession) -> None:
     assert facts["header_state"] == "CANCELLED" and facts["cancel_disabled"]
 
 
-@pytest.mark.parametrize("routed", [True, False], ids=["subshell", "main-shell"])
-def test_click_during_a_busy_cell(ks: KernelSession, routed: bool) -> None:
-    """A click sent while a cell runs: with subshell routing it acts at once, else after the cell."""
-    job_id = submit(ks, f"busy-{'sub' if routed else 'main'}", steps=2000, lines=2000, sleep=0.05, var="busy")
+@pytest.mark.parametrize("path", ["own-subshell", "frontend-subshell", "main-shell"])
+def test_click_during_a_busy_cell(ks: KernelSession, path: str) -> None:
+    """A click sent while a cell runs (issue 7 item 18).
+
+    own-subshell: sent on the main shell (classic notebook, ``commsOverSubshells: disabled``); the hook
+    sends it to this kernel's own subshell: it acts at once. frontend-subshell: sent over a subshell the
+    frontend made (what JupyterLab >= 4.4 does by default), hook in ``frontend`` mode (no subshell of
+    ours): it acts at once, on the frontend's subshell. Beside it a panel without the hook shows what
+    ipykernel does alone: it hands the click to the main shell (measured on 7.4), after the cell.
+    main-shell: no hook, no subshell: after the cell (ipywidgets#3468)."""
+    routed = path != "main-shell"
+    mode = "frontend" if path == "frontend-subshell" else "auto"
+    job_id = submit(ks, f"busy-{path}", steps=2000, lines=2000, sleep=0.05, var="busy")
     ks.run("assert wait_until(lambda: busy.status.value == 'RUNNING')")
-    ids = ks.run(f"bp = W.JobPanel(orch, {job_id!r}, route_clicks={routed}); display(bp); "
-                 "print(json.dumps(panel_facts(bp)))").json()
+    ids = ks.run(f"os.environ['TRAINORCH_WIDGET_SUBSHELL'] = {mode!r}\n"
+                 f"bp = W.JobPanel(orch, {job_id!r}, route_clicks={routed}); display(bp)\n"
+                 f"nohook = W.JobPanel(orch, {job_id!r}, route_clicks=False); display(nohook)\n"
+                 "del os.environ['TRAINORCH_WIDGET_SUBSHELL']\n"
+                 "print(json.dumps(panel_facts(bp) | {'nohook': nohook.cancel_button.comm.comm_id, "
+                 "'own': W._router._subshell_id, 'ipykernel': __import__('ipykernel').__version__}))").json()
     assert ids["routed"] is routed
     comm = ids["comm_ids"]
-    busy_cell = ks.submit("time.sleep(6)")
+    frontend = ks.create_subshell() if path == "frontend-subshell" else None  # as JupyterLab makes one
+    busy_cell = ks.submit("time.sleep(6); busy_end = time.time()")
     time.sleep(1.0)
     t_click = time.monotonic()
-    ks.click(comm["cancel_button"])
+    ks.click(comm["cancel_button"], subshell_id=frontend)
+    if frontend is not None:
+        ks.click(ids["nohook"], subshell_id=frontend)
     time.sleep(0.3)
-    ks.click(comm["confirm_button"])
+    ks.click(comm["confirm_button"], subshell_id=frontend)
 
     def cancelled_seen() -> float | None:
         for m in ks.comm_msgs(since=t_click):
@@ -155,13 +171,125 @@ def test_click_during_a_busy_cell(ks: KernelSession, routed: bool) -> None:
     seen = wait_until(cancelled_seen, timeout=30)
     ks.wait(busy_cell, timeout=30)
     delay = seen - t_click
+    clicks = ks.run("print(json.dumps({'bp': list(bp.clicks), 'nohook': list(nohook.clicks), 'end': busy_end}))").json()
+    assert [c["button"] for c in clicks["bp"]] == ["cancel", "confirm"]
     if routed:
         assert seen < busy_cell.finished, "the click waited for the busy cell"
         assert delay < 4.0
+        assert all(c["at"] < clicks["end"] for c in clicks["bp"])
+        where = frontend if frontend is not None else ids["own"]
+        assert where and all(c["subshell"] == where and c["addressed"] == frontend for c in clicks["bp"]), clicks
     else:
         assert seen >= busy_cell.finished - 0.05  # ipywidgets#3468: the click waited for the cell
-    _record(f"click_during_busy_cell_{'subshell' if routed else 'main_shell'}_s", round(delay, 2))
+        assert all(c["subshell"] is None and c["at"] >= clicks["end"] for c in clicks["bp"])
+    if frontend is not None:  # ipykernel alone, on a click JupyterLab sent over its subshell
+        (alone,) = clicks["nohook"]
+        went_to_main = alone["subshell"] is None and alone["at"] >= clicks["end"]
+        _record("ipykernel_alone_sends_a_subshell_click_to_the_main_shell", went_to_main)
+        assert alone["addressed"] == frontend
+        if ids["ipykernel"].startswith("7.4."):
+            assert went_to_main, alone  # measured: why the hook exists (see widgets._SubshellRouter)
+    _record(f"click_during_busy_cell_{path.replace('-', '_')}_s", round(delay, 2))
     assert ks.run("print(json.dumps(busy.wait(30).state.value))", timeout=60).json() == "CANCELLED"
+
+
+def test_click_when_the_kernels_own_subshell_is_gone(ks: KernelSession) -> None:
+    """Issue 7 item 18: a stale subshell id is detected. A click is not lost (ipykernel drops a message for a
+    subshell that is gone), it is said once in the log, and the next panel gets a new subshell."""
+    job_id = submit(ks, "stale", steps=2000, lines=2000, sleep=0.05, var="stale")
+    ks.run("assert wait_until(lambda: stale.status.value == 'RUNNING')")
+    info = ks.run(
+        f"sp = W.JobPanel(orch, {job_id!r}); display(sp)\n"
+        "import logging\nwarned = []\n_h = logging.Handler(); _h.emit = lambda r: warned.append(r.getMessage())\n"
+        "logging.getLogger('trainorch_jupyter.widgets').addHandler(_h)\n"
+        "print(json.dumps({'own': W._router._subshell_id, 'cancel': sp.cancel_button.comm.comm_id, "
+        "'routed': sp.routed_clicks}))").json()
+    assert info["routed"] and info["own"]
+    ks.delete_subshell(info["own"])
+    busy = ks.submit("time.sleep(4); stale_end = time.time()")
+    time.sleep(1.0)
+    ks.click(info["cancel"])
+    ks.wait(busy, timeout=30)
+    shown = ks.run("time.sleep(0.5)\nprint(json.dumps(sp.confirm_button.layout.display is None))").json()
+    assert shown, "the click was lost"
+    facts = ks.run("print(json.dumps({'clicks': list(sp.clicks), 'end': stale_end, 'warned': warned, "
+                   "'own': W._router._subshell_id}))").json()
+    (click,) = facts["clicks"]
+    assert click["subshell"] is None and click["at"] >= facts["end"] - 0.05  # on the main shell, after the cell
+    assert [w for w in facts["warned"] if f"this kernel's own subshell {info['own']} is gone" in w], facts["warned"]
+    assert facts["own"] is None
+    new = ks.run(f"sp2 = W.JobPanel(orch, {job_id!r}); display(sp2)\n"
+                 "print(json.dumps({'own': W._router._subshell_id, 'cancel': sp2.cancel_button.comm.comm_id}))").json()
+    assert new["own"] and new["own"] != info["own"]
+    busy = ks.submit("time.sleep(4); stale_end2 = time.time()")
+    time.sleep(1.0)
+    ks.click(new["cancel"])
+    ks.wait(busy, timeout=30)
+    again = ks.run("print(json.dumps({'clicks': list(sp2.clicks), 'end': stale_end2}))").json()
+    (click,) = again["clicks"]
+    assert click["subshell"] == new["own"] and click["at"] < again["end"]
+    ks.run("stale.cancel(); stale.wait(30)", timeout=60)
+
+
+def test_panel_of_a_real_failed_job(ks: KernelSession) -> None:
+    """Issue 7 item 22: a job that really fails (a missing module) shows FAILED, its exit code, the diagnosis
+    with what to try, and its traceback in the log tail; the same after `%train panel` rebuilds it."""
+    res = ks.run("bad = %train submit --provider local --name broken -- python -c "
+                 "\"print('starting'); import trainorch_no_such_module_xyz\"\nbad")
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in res.outputs), res.outputs
+    job_id = ks.run("print(json.dumps(bad.id))").json()
+    assert ks.run("print(json.dumps(bad.wait(60).state.value))", timeout=90).json() == "FAILED"
+    ks.run("time.sleep(1.5)")  # the flusher's next rounds
+    ks.run(f"%train panel {job_id}")
+    for which in (0, -1):  # the panel shown at submit, then the one rebuilt from the store
+        facts = ks.run(f"p = panels_of({job_id!r})[{which}]\n"
+                       "print(json.dumps(panel_facts(p) | {'header': p.header.value, 'diagnosis': p.diagnosis_view.value,"
+                       " 'exit_code': bad.record.exit_code, 'file_tail': bad.logs(tail=200).splitlines()}))").json()
+        assert facts["state"] == facts["header_state"] == "FAILED"
+        assert f"Job failed (exit code {facts['exit_code']})" in facts["header"] and facts["exit_code"] == 1
+        assert "The Python module &#x27;trainorch_no_such_module_xyz&#x27; is not installed" in facts["header"]
+        diagnosis = facts["diagnosis"]
+        assert "data-cause='missing_module'" in diagnosis and "Install it on the training machine" in diagnosis
+        assert "No module named &#x27;trainorch_no_such_module_xyz&#x27;" in diagnosis  # the evidence
+        assert facts["log_lines"] == facts["file_tail"]
+        assert "starting" in facts["log_lines"]
+        assert "ModuleNotFoundError: No module named 'trainorch_no_such_module_xyz'" in facts["log_lines"]
+        assert facts["cancel_disabled"] and facts["download_disabled"] and facts["artifact_rows"] == 0
+
+
+@pytest.mark.slow
+def test_panel_after_a_real_kernel_restart(tmp_path: Path) -> None:
+    """Issue 7 item 22: the kernel is killed while a job runs; after the restart `%train panel JOB` shows
+    the whole run so far (curve, log tail) and follows it to the end (the orchestrator re-attached)."""
+    steps = 40
+    (tmp_path / "emit.py").write_text(EMIT)
+    with KernelSession(tmp_path) as session:
+        session.run("%load_ext trainorch_jupyter")
+        session.run(f"job = %train submit --provider local --name restart -- python {tmp_path / 'emit.py'} "
+                    f"{steps} 400 0.25\njob")
+        job_id = session.run("import json, time\nprint(json.dumps(job.id))").json()
+        before = session.run("while len(job.metrics()) < 8: time.sleep(0.1)\n"
+                             "print(json.dumps(len([m for m in job.metrics() if 'loss' in m])))", timeout=90).json()
+        session.restart()
+        assert session.run("import json\nprint(json.dumps('job' in globals()))").json() is False  # a new process
+        session.run("%load_ext trainorch_jupyter")
+        session.run(HELPERS)
+        res = session.run(f"%train panel {job_id}")
+        assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in res.outputs), res.outputs
+        first = session.run(f"print(json.dumps(panel_facts(panels_of({job_id!r})[0])))").json()
+        assert first["train_points"] >= before  # the curve from before the restart is there
+        assert first["state"] in ("RUNNING", "DOWNLOADING", "COMPLETED")
+        state = session.run(f"print(json.dumps(orch.wait({job_id!r}, 120).state.value))", timeout=150).json()
+        assert state == "COMPLETED"
+        session.run("time.sleep(1.5)")
+        facts = session.run(f"print(json.dumps(panel_facts(panels_of({job_id!r})[0])))").json()
+        tail = session.run(f"print(json.dumps(orch.job({job_id!r}).logs(tail=200).splitlines()))").json()
+        assert facts["header_state"] == "COMPLETED" and facts["progress"] == "100.0"
+        assert facts["train_points"] == steps and facts["eval_points"] == steps // 5  # the whole curve, once
+        assert facts["log_lines"] == tail  # the last lines, each once, in order
+        assert any(line.startswith("log line 400 ") for line in tail[-5:])
+        assert facts["artifact_rows"] == 2 and facts["verified"] == 2
+        session.save("kernel-restart-panel")
 
 
 def test_message_budget_and_cell_latency_while_streaming_20k_lines(ks: KernelSession) -> None:
@@ -211,23 +339,33 @@ def _record(key: str, value: object) -> None:
 
 
 def test_terminal_fallback_in_plain_ipython(tmp_path: Path) -> None:
-    """In plain IPython (no kernel, no widgets), a job's display is the text summary."""
+    """Issue 7 item 19: in a terminal IPython (no kernel, no widgets) displaying ``job`` prints its text summary.
+
+    A real ``ipython`` reads the cells from its stdin, as a user types them; what the test checks is what
+    IPython printed for the bare ``job`` line, against the summary of the job's record in the store."""
+    import os
+    import re
     import subprocess
     import sys
 
-    script = textwrap.dedent(
-        """
-        from IPython.testing.globalipapp import start_ipython
-        ip = start_ipython()
-        ip.run_line_magic("load_ext", "trainorch_jupyter")
-        ip.run_cell('job = %train submit --provider local --name term -- python -c "print(1)"')
-        ip.run_cell("job.wait(60)")
-        ip.run_cell("job")
-        from trainorch_jupyter.widgets import text_summary
-        print("SUMMARY", text_summary(ip.user_ns["job"]).splitlines()[0])
-        """
-    )
-    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                         env={**__import__("os").environ, "TRAINORCH_WORKSPACE": str(tmp_path)})
+    from trainorch_jupyter.store import Store
+    from trainorch_jupyter.widgets import text_summary
+
+    cells = ["%load_ext trainorch_jupyter",
+             'job = %train submit --provider local --name term -- python -c "print(1)"',
+             "_ = job.wait(60)",
+             "job"]
+    out = subprocess.run([sys.executable, "-m", "IPython", "--simple-prompt", "--no-banner", "--colors=NoColor",
+                          "--HistoryManager.enabled=False"], input="\n".join(cells) + "\n", cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "TRAINORCH_WORKSPACE": str(tmp_path), "TRAINORCH_WIDGETS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "SUMMARY term-" in out.stdout and "COMPLETED" in out.stdout
+    # What IPython printed after the 4th prompt (the bare `job`), up to the next prompt.
+    shown = re.search(r"In \[4\]: (?:Out\[4\]: )?(.*?)\n+In \[5\]:", out.stdout, re.S)
+    assert shown, out.stdout[-3000:] + out.stderr[-3000:]
+    job_id = re.match(r"(term-\S+)  ", shown.group(1))
+    assert job_id, shown.group(1)
+    record = Store(tmp_path).get(job_id.group(1))
+    assert record.state.value == "COMPLETED"
+    assert shown.group(1).rstrip("\n") == text_summary(record)  # the summary, nothing else (no repr, no traceback)
+    assert "\u2714 COMPLETED" in shown.group(1) and "exit 0" in shown.group(1)

@@ -170,3 +170,53 @@ def test_panel_inbox_stays_bounded_and_loses_no_shown_line(tmp_path: Path) -> No
         assert panel._pending_log_chars <= 2 * W.PENDING_LOG_CHARS
     assert sum(len(e.data) for e in panel._pending) < W.PENDING_LOG_CHARS
     assert panel.log_text.splitlines() == text.splitlines()[-50:]
+
+
+PROGRESS_BARS = """
+import sys, time
+for epoch in range(1, 9):
+    print(f"epoch {epoch}", flush=True)
+    for pct in (0, 25, 50, 75):
+        sys.stderr.write(f"\\r{pct:3d}%|" + "#" * (pct // 25))
+        sys.stderr.flush()
+        time.sleep(0.03)
+    sys.stderr.write("\\r100%|####\\n")
+    sys.stderr.flush()
+    time.sleep(0.25)
+"""
+
+
+def test_panel_opened_on_carriage_return_output_shows_each_line_once(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 7 item 14, with a real job and orchestrator: a panel opened while tqdm-like ``\\r`` output streams
+    (log events arriving while it reads the log file's tail) shows each line once."""
+    from .test_widgets import manual_scheduler
+
+    (tmp_path / "bars.py").write_text(PROGRESS_BARS)
+    o = Orchestrator(tmp_path, reattach=False)
+    try:
+        handle = o.submit(JobSpec(name="bars", command=("python", str(tmp_path / "bars.py"))))
+        log_path = Path(o.store.log_path(handle.id))
+        wait_for(lambda: log_path.exists() and "epoch 2" in log_path.read_text(), timeout=60)
+        real_read = W.JobPanel._read_log_tail
+
+        def read_while_events_come(self: W.JobPanel) -> tuple[str, bool]:
+            # Two log events arrive between the panel's subscribe and its read of the file.
+            wait_for(lambda: sum(e.kind == "log" for e in self._pending) >= 2, timeout=30)
+            return real_read(self)
+
+        monkeypatch.setattr(W.JobPanel, "_read_log_tail", read_while_events_come)
+        panel = W.JobPanel(o, handle.id, scheduler=manual_scheduler(), route_clicks=False)
+        monkeypatch.undo()
+        assert handle.wait(60).state is JobState.COMPLETED
+        wait_for(lambda: "epoch 8" in panel.log_text and panel.log_text.endswith("100%|####"), timeout=10)
+        text = log_path.read_bytes().decode()  # (read_text would turn each \r into \n)
+        assert "\r" in text
+        expected = W.LogBuffer(200)
+        expected.feed(text)
+        assert panel.log_text == expected.text()  # what a terminal shows of the file, each line once
+        assert [line for line in panel.log_text.splitlines() if line.startswith("epoch")] == [
+            f"epoch {i}" for i in range(1, 9)]
+        panel.close()
+    finally:
+        o.close()

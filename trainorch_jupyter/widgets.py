@@ -27,19 +27,26 @@ How updates reach the browser without hurting the kernel
 
 Buttons while another cell runs
 -------------------------------
-A click is a ``comm_msg`` on the kernel's shell channel, handled by the main thread, so it waits
-until a busy cell ends (ipywidgets#3468; measured with ipykernel 7.4: a click sent 1 s into a
-``time.sleep(6)`` cell ran 5 s later). ipykernel 7 has kernel subshells (JEP 91): we create one
-subshell per kernel (a public ``create_subshell_request`` on the control channel) and route the
-messages of our buttons' comms to it, so their handlers run on the subshell's thread at once, even
-during a busy cell. Where that is not available (ipykernel 6, other kernels) the buttons still work,
-after the busy cell. Set ``TRAINORCH_WIDGET_SUBSHELL=0`` to turn the routing off.
+A click is a ``comm_msg`` on the kernel's shell channel. On the main shell it waits until a busy cell
+ends (ipywidgets#3468; measured with ipykernel 7.4: a click sent 1 s into a ``time.sleep(6)`` cell
+ran 5 s later). ipykernel 7 has kernel subshells (JEP 91), and JupyterLab >= 4.4 sends widget comm
+messages over a subshell of its own by default (``commsOverSubshells: perCommTarget``). But
+ipykernel 7.4 hands a ``comm_msg`` to the subshell that last sent on that comm (its private
+``Comm._reply_subshell_for``): the main shell, for a panel a cell showed. :class:`_SubshellRouter`
+overrides that hook on our buttons' comms (checked signature; a log line where it cannot apply): a
+message the frontend sent over a live subshell is handled there (the official path); one sent on the
+main shell (the classic notebook, ``commsOverSubshells: disabled``) or on a subshell that is gone goes
+to a subshell this kernel makes for the panels (a public ``create_subshell_request``). Where none of
+that is available (ipykernel 6, other kernels) the buttons still work, after the busy cell.
+``TRAINORCH_WIDGET_SUBSHELL``: ``auto`` (default), ``frontend`` (only the frontend's subshell), ``0``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import html
+import inspect
+import itertools
 import logging
 import math
 import os
@@ -94,6 +101,8 @@ DASHBOARD_MAX_ROWS = 100
 DASHBOARD_FIRST_WAIT_S = 1.0
 #: Characters of log events a panel keeps waiting for the flusher before it drops those it could not show.
 PENDING_LOG_CHARS = 4 << 20
+#: How long the Download button waits for its download before it stops waiting (and can be clicked again).
+DOWNLOAD_WAIT_S = 900.0
 
 STATE_COLORS: dict[JobState, str] = {
     JobState.PENDING: "#6b7280",
@@ -442,13 +451,28 @@ class LogBuffer:
         return "\n".join(self.tail_lines())
 
 
-def _overlap(tail: Sequence[str], new: Sequence[str]) -> int:
-    """Largest k such that the last k lines of ``tail`` are the first k lines of ``new``."""
-    best = 0
-    for k in range(1, min(len(tail), len(new)) + 1):
-        if list(tail[-k:]) == list(new[:k]):
-            best = k
-    return best
+def _log_overlap(tail: str, chunks: Sequence[str], *, cut: bool) -> int:
+    """How many of ``chunks`` (log events, in order) the log file's ``tail`` text already holds.
+
+    The orchestrator appends a chunk to the log file before it emits it, so the chunks that arrived
+    before the file was read are a prefix of ``chunks`` and end the file, byte for byte (``\\r``
+    included). Compared as text at chunk boundaries: splitting the two sides into lines differently
+    (``splitlines()`` also splits at ``\\r``) doubled progress-bar lines. ``cut``: the tail is only the end
+    of a longer file, so a prefix longer than the tail matches when it ends with the whole tail.
+    Ambiguous repeats (the same text twice in a row) resolve to the largest overlap.
+    """
+    if not tail or not chunks:
+        return 0
+    ends = list(itertools.accumulate(len(c) for c in chunks))
+    joined = "".join(chunks)
+    for k in range(len(chunks), 0, -1):
+        n = ends[k - 1]
+        if n <= len(tail):
+            if tail[len(tail) - n:] == joined[:n]:
+                return k
+        elif cut and joined[n - len(tail):n] == tail:
+            return k
+    return 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -599,17 +623,55 @@ def get_scheduler() -> _Scheduler:
 
 
 class _SubshellRouter:
+    """Where the frontend's messages to our buttons' comms are handled, so that a click acts during a busy cell.
+
+    What happens without it (measured with JupyterLab 4.6.6 and ipykernel 7.4.0): JupyterLab sends every
+    widget comm message over a kernel subshell of its own (setting ``commsOverSubshells``, default
+    ``perCommTarget``), but ipykernel's shell-channel thread re-routes a ``comm_msg`` to the subshell
+    ``Comm._reply_subshell_for(data, default)`` names: the one that last *sent* on that comm. A panel's
+    comms were opened by the cell that showed it, on the main shell, so the click is sent back to the
+    main shell and waits for the busy cell. With the classic notebook, VS Code or ``commsOverSubshells:
+    disabled`` the click comes on the main shell in the first place.
+
+    So each button's comm gets its own ``_reply_subshell_for`` (the fallback on a private hook, guarded):
+
+    * the frontend sent the message over a live subshell (the official path): it is handled there;
+    * else (no subshell from the frontend, or a stale one): on this kernel's own subshell, made once per
+      kernel with a public ``create_subshell_request`` (mode ``auto``, the default), when it still exists;
+    * else on the main shell, as ipykernel would (a click then waits for a busy cell).
+
+    ``TRAINORCH_WIDGET_SUBSHELL``: ``auto`` (default), ``frontend`` (only the frontend's subshell, no
+    subshell of our own), ``0``/``off`` (no hook at all: ipykernel's own routing).
+    The hook is installed only where ipykernel has subshells and a ``_reply_subshell_for(data, default)``;
+    otherwise one log line says why (a warning where the kernel has subshells but the hook changed).
+    """
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._subshell_id: str | None = None
         self._failed = False
-        self.reason: str | None = None
+        self.reason: str | None = None  # why the buttons cannot act during a busy cell here, if they cannot
+        self._said: set[str] = set()
+        self.stale: list[str] = []  # subshell ids found gone when a click came (ours or the frontend's)
 
-    def _enabled(self) -> bool:
-        return os.environ.get("TRAINORCH_WIDGET_SUBSHELL", "1").lower() not in ("0", "false", "no", "off")
+    @staticmethod
+    def mode() -> str:
+        value = os.environ.get("TRAINORCH_WIDGET_SUBSHELL", "auto").strip().lower()
+        if value in ("0", "false", "no", "off"):
+            return "off"
+        return "frontend" if value == "frontend" else "auto"
+
+    def _say(self, level: int, text: str) -> None:
+        """Log ``text`` once per process."""
+        with self._lock:
+            if text in self._said:
+                return
+            self._said.add(text)
+        log.log(level, "%s", text)
 
     def subshell_id(self) -> str | None:
-        if not self._enabled():
+        """This kernel's own subshell for the buttons (made on first use); None where there is none."""
+        if self.mode() != "auto":
             return None
         with self._lock:
             if self._subshell_id is None and not self._failed:
@@ -619,27 +681,125 @@ class _SubshellRouter:
                         self._failed = True
                 except Exception as exc:  # any failure: the buttons still work through the main shell
                     self._failed = True
-                    self.reason = f"{type(exc).__name__}: {exc}"
+                    self.reason = f"no kernel subshell could be made: {type(exc).__name__}: {exc}"
                     log.debug("no kernel subshell for widget clicks: %s", self.reason)
             return self._subshell_id
 
     def route(self, widget: ipywidgets.Widget) -> bool:
-        """Handle the frontend's messages to ``widget`` on the subshell's thread. False if impossible."""
+        """Install the hook on ``widget``'s comm. False where it cannot apply (the reason is logged once)."""
+        if self.mode() == "off":
+            return False
         comm = getattr(widget, "comm", None)
-        if comm is None or not hasattr(comm, "_reply_subshell_for"):
+        if comm is None:
             return False
-        sid = self.subshell_id()
-        if sid is None:
+        problem, level = _hook_problem(comm)
+        if problem is not None:
+            self.reason = problem
+            self._say(level, f"trainorch panels: {problem}; a click on a panel's button waits while another "
+                             "cell runs")
             return False
+        own = self.mode() == "auto"
+        if own:
+            self.subshell_id()
 
-        def _route(data: Any, default: Any, _sid: str = sid) -> str:
-            return _sid
+        def hook(data: Any, default: str | None) -> str | None:
+            return self._route(data, default, own=own)
 
         try:
-            comm._reply_subshell_for = _route
-        except Exception:
+            comm._reply_subshell_for = hook
+        except Exception as exc:
+            self.reason = f"cannot set Comm._reply_subshell_for: {exc}"
+            self._say(logging.WARNING, f"trainorch panels: {self.reason}")
             return False
         return True
+
+    def _route(self, data: Any, default: str | None, *, own: bool = True) -> str | None:
+        """ipykernel's question, asked on its shell-channel thread for each message to a routed comm: which
+        subshell handles it (None: the main shell). ``default`` is the subshell the frontend addressed;
+        ``own``: this kernel's subshell may serve the messages the frontend sent elsewhere."""
+        live = _live_subshells()
+        if default is not None and (live is None or default in live):
+            return default  # the frontend's own subshell (JupyterLab's commsOverSubshells)
+        mine = self._subshell_id if own else None
+        if mine is not None and live is not None and mine not in live:
+            with self._lock:
+                if self._subshell_id == mine:
+                    self._subshell_id = None  # the next panel makes a new one
+            self._gone(mine, "this kernel's own", None)
+            mine = None
+        if default is not None:
+            self._gone(default, "the frontend's", mine)
+        return mine
+
+    def _gone(self, subshell_id: str, whose: str, instead: str | None) -> None:
+        self.stale.append(subshell_id)
+        del self.stale[:-20]
+        where = ("the main shell (a click waits while another cell runs)" if instead is None
+                 else "this kernel's own subshell")
+        self._say(logging.WARNING, f"trainorch panels: {whose} subshell {subshell_id} is gone (deleted, or from "
+                                   f"before a kernel restart); the panels' clicks go to {where}")
+
+
+def _hook_problem(comm: Any) -> tuple[str | None, int]:
+    """Why the click hook cannot apply to ``comm`` (and the log level to say it at), or (None, 0)."""
+    try:
+        import ipykernel
+        from ipykernel.kernelbase import Kernel
+    except ImportError:
+        return "not in an IPython kernel", logging.DEBUG
+    if not Kernel.initialized():
+        return "not in an IPython kernel", logging.DEBUG
+    version = getattr(ipykernel, "__version__", "?")
+    if not getattr(Kernel.instance(), "_supports_kernel_subshells", False):
+        return f"ipykernel {version} has no kernel subshells", logging.INFO
+    hook = getattr(comm, "_reply_subshell_for", None)
+    if hook is None:
+        return (f"ipykernel {version}: its Comm has no _reply_subshell_for(data, default) to route clicks "
+                "to a subshell"), logging.WARNING
+    try:
+        params = list(inspect.signature(hook).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if [p.name for p in params] != ["data", "default"] or any(p.kind not in positional for p in params):
+        return (f"ipykernel {version}: Comm._reply_subshell_for{inspect.signature(hook) if params else '(?)'} "
+                "is not the (data, default) this hook was written for"), logging.WARNING
+    return None, 0
+
+
+def _kernel_subshell_manager() -> Any:
+    try:
+        from ipykernel.kernelbase import Kernel
+    except ImportError:
+        return None
+    if not Kernel.initialized():
+        return None
+    thread = getattr(Kernel.instance(), "shell_channel_thread", None)
+    return getattr(thread, "manager", None)
+
+
+def _live_subshells() -> set[str] | None:
+    """The kernel's subshell ids now; None when they cannot be read."""
+    manager = _kernel_subshell_manager()
+    try:
+        return set(manager.list_subshell()) if manager is not None else None
+    except Exception:
+        return None
+
+
+def _click_context() -> dict[str, Any]:
+    """Where the running click handler runs: thread, subshell (None: main shell), the subshell the frontend addressed."""
+    info: dict[str, Any] = {"thread": threading.current_thread().name, "subshell": None, "addressed": None}
+    manager = _kernel_subshell_manager()
+    with contextlib.suppress(Exception):
+        info["subshell"] = manager.subshell_id_from_thread_id(threading.get_ident()) if manager else None
+    with contextlib.suppress(Exception):
+        from IPython import get_ipython
+
+        kernel = getattr(get_ipython(), "kernel", None)
+        parent = kernel.get_parent() if kernel is not None else None
+        info["addressed"] = ((parent or {}).get("header") or {}).get("subshell_id")
+    return info
 
 
 def _create_subshell() -> str | None:
@@ -772,6 +932,11 @@ class JobPanel(ipywidgets.VBox, _View):
         self._confirming = False
         self._cancel_sent = False  # Cancel stays disabled once confirmed (the job ends shortly)
         self._downloading = False  # Download stays disabled while one runs
+        self._download_fut: Any = None  # the download the button waits for (a concurrent Future)
+        self._download_deadline = math.inf  # on the scheduler's clock
+        self.download_wait_s = DOWNLOAD_WAIT_S
+        #: Where the last clicks were handled (thread, subshell, the subshell the frontend addressed).
+        self.clicks: deque[dict[str, Any]] = deque(maxlen=20)
         self._notified_terminal = False
         self._seen_views = False
 
@@ -836,9 +1001,9 @@ class JobPanel(ipywidgets.VBox, _View):
         except Exception:
             metrics = []
         try:
-            tail = self._read_log_tail()
+            tail, cut = self._read_log_tail()
         except Exception:
-            tail = []
+            tail, cut = "", False
         try:
             artifacts = list(store.artifacts(self.job_id))
         except Exception:
@@ -846,41 +1011,38 @@ class JobPanel(ipywidgets.VBox, _View):
         with self._model_lock:
             for m in metrics:
                 self._progress.add(m)
-            if tail:
-                self._logbuf.feed("\n".join(tail) + "\n")
+            self._logbuf.feed(tail)  # the file's own bytes: partial last line and \r redraws as they are
             self._artifacts = artifacts or list(self._job.artifacts)
             seen_metrics = [dict(m) for m in metrics[-50:]]
             pending = self._take_pending()
             self._loaded = True  # later events are drained by the flusher (under _model_lock, held here)
-            pending_lines: list[str] = []
+            chunks: list[str] = []
             for event in pending:
                 # Events that came while the history was read may already be in it: skip those.
                 if event.kind == "metric" and event.data in seen_metrics:
                     seen_metrics.remove(event.data)
                 elif event.kind == "log":
-                    pending_lines.extend(str(event.data).splitlines())
+                    chunks.append(str(event.data))
                 else:
                     self._apply(event.kind, event.data, event.time)
-            k = _overlap(tail, pending_lines)
-            if pending_lines[k:]:
-                self._apply("log", "\n".join(pending_lines[k:]) + "\n", None)
+            for chunk in chunks[_log_overlap(tail, chunks, cut=cut):]:
+                self._apply("log", chunk, None)
         self._mark("header", "chart", "log", "artifacts", "diagnosis")
 
-    def _read_log_tail(self) -> list[str]:
+    def _read_log_tail(self) -> tuple[str, bool]:
+        """The end of the log file as text from a line start, and whether it is only the end (the file is longer)."""
         path = Path(self._orch.store.log_path(self.job_id))
         if not path.exists():
-            return []
+            return "", False
         size = path.stat().st_size
         budget = max(64 * 1024, self.log_lines * 400)
         with path.open("rb") as fh:
             fh.seek(max(0, size - budget))
             data = fh.read()
-        lines = data.decode("utf-8", "replace").split("\n")
-        if size > budget:
-            lines = lines[1:]  # the first one is cut
-        if lines and lines[-1] == "":
-            lines.pop()
-        return lines[-self.log_lines:]
+        cut = size > budget
+        if cut:
+            data = data[data.find(b"\n") + 1:] if b"\n" in data else b""  # the first line is cut
+        return data.decode("utf-8", "replace"), cut
 
     def _on_event(self, event: Any) -> None:
         """Runs on the orchestrator's loop thread: hand the event over and return (O(1), never blocks)."""
@@ -946,6 +1108,8 @@ class JobPanel(ipywidgets.VBox, _View):
         elif kind == "artifacts":
             self._artifacts = list(data or [])
             self._mark("artifacts", "header")
+        elif kind == "download":
+            self._download_done(data)
 
     def _mark(self, *names: str) -> None:
         for name in names:
@@ -969,6 +1133,8 @@ class JobPanel(ipywidgets.VBox, _View):
             return False
         with self._model_lock:
             self._drain()
+            if self._download_fut is not None and now >= self._download_deadline:
+                self._stop_waiting_for_download()
             live = self._job.state.is_live
             if live and now - self._parts["header"].last >= 1.0:
                 self._parts["header"].dirty = True  # elapsed time and cost tick
@@ -1146,7 +1312,11 @@ class JobPanel(ipywidgets.VBox, _View):
             self._mark("action")
         self._scheduler.poke()
 
+    def _note_click(self, button: str) -> None:
+        self.clicks.append({"button": button, "at": time.time(), **_click_context()})
+
     def _on_cancel(self, _button: Any = None) -> None:
+        self._note_click("cancel")
         if self._job.state.is_terminal or self._cancel_sent:
             return
         with self._model_lock:
@@ -1155,12 +1325,14 @@ class JobPanel(ipywidgets.VBox, _View):
         self._set_action("<span style='font-size:12px'>Stop this job? Its machine is terminated.</span>")
 
     def _on_keep(self, _button: Any = None) -> None:
+        self._note_click("keep")
         with self._model_lock:
             self._confirming = False
             self._sync_controls()
         self._set_action("")
 
     def _on_confirm(self, _button: Any = None) -> None:
+        self._note_click("confirm")
         with self._model_lock:
             if self._cancel_sent:
                 return
@@ -1181,32 +1353,66 @@ class JobPanel(ipywidgets.VBox, _View):
         threading.Thread(target=work, name=f"trainorch-cancel-{self.job_id}", daemon=True).start()
 
     def _on_download(self, _button: Any = None) -> None:
+        """Start a download into the job's default folder and return: nothing waits on it. Its end comes back
+        through the inbox (a done-callback, O(1), on whichever thread ends it) and the flusher shows it; past
+        ``download_wait_s`` the panel stops waiting (the button works again, a late end still shows)."""
+        self._note_click("download")
         with self._model_lock:
             if self._downloading:
                 return
             self._downloading = True
             self._sync_controls()
         self._set_action("<span style='font-size:12px'>downloading\u2026</span>")
-
-        def work() -> None:
-            infos: list[ArtifactInfo] | None = None
-            try:
-                infos = list(self._orch.download(self.job_id).result())
-            except Exception as exc:
-                text = f"<span style='color:#dc2626;font-size:12px'>download failed: {_esc(exc)}</span>"
-            else:
-                folder = Path(infos[0].path).parent if infos else ""
-                text = (f"<span style='font-size:12px;color:#16a34a'>\u2714 {len(infos)} file(s) verified in "
-                        f"<code>{_esc(folder)}</code></span>")
+        try:
+            fut = self._orch.download(self.job_id)
+        except Exception as exc:
             with self._model_lock:
-                if infos is not None:
-                    self._artifacts = infos
-                    self._mark("artifacts", "header")
                 self._downloading = False
                 self._sync_controls()
-            self._set_action(text)
+            self._set_action(f"<span style='color:#dc2626;font-size:12px'>download failed: {_esc(exc)}</span>")
+            return
+        with self._model_lock:
+            self._download_fut = fut
+            self._download_deadline = self._scheduler.clock() + self.download_wait_s
+        fut.add_done_callback(self._on_download_end)
 
-        threading.Thread(target=work, name=f"trainorch-download-{self.job_id}", daemon=True).start()
+    def _on_download_end(self, fut: Any) -> None:
+        """The download's done-callback: hand it to the flusher (never touches a widget or ``_model_lock``)."""
+        self._on_event(_PanelEvent(self.job_id, "download", fut))
+        self._scheduler.poke()
+
+    def _download_done(self, fut: Any) -> None:
+        """Show a download's end (under ``_model_lock``)."""
+        current = fut is self._download_fut
+        if not current and (self._downloading or fut.cancelled()):
+            return  # one the panel stopped waiting for, while another runs
+        if current:
+            self._download_fut = None
+            self._download_deadline = math.inf
+            self._downloading = False
+        if fut.cancelled():
+            text = "<span style='color:#dc2626;font-size:12px'>download cancelled</span>"
+        elif (exc := fut.exception()) is not None:
+            text = f"<span style='color:#dc2626;font-size:12px'>download failed: {_esc(exc)}</span>"
+        else:
+            infos = list(fut.result())
+            self._artifacts = infos
+            self._mark("artifacts", "header")
+            folder = Path(infos[0].path).parent if infos else ""
+            text = (f"<span style='font-size:12px;color:#16a34a'>\u2714 {len(infos)} file(s) verified in "
+                    f"<code>{_esc(folder)}</code></span>")
+        self._action = text
+        self._mark("action")
+
+    def _stop_waiting_for_download(self) -> None:
+        """Past the deadline (under ``_model_lock``): free the button; the download may still end (and show)."""
+        self._download_fut = None
+        self._download_deadline = math.inf
+        self._downloading = False
+        self._action = (f"<span style='color:#d97706;font-size:12px'>no answer from the download after "
+                        f"{_fmt_duration(self.download_wait_s)}; it may still be running (its files show here "
+                        "when it ends): click Download again or run %train download</span>")
+        self._mark("action")
 
     # -- for tests and callers ------------------------------------------------------------------
 
@@ -1247,6 +1453,16 @@ class JobPanel(ipywidgets.VBox, _View):
 
     def __repr__(self) -> str:  # what a frontend without widgets shows
         return text_summary(self._job, progress=self._progress)
+
+
+@dataclass
+class _PanelEvent:
+    """An event a panel makes for itself (a download's end), drained like the orchestrator's."""
+
+    job_id: str
+    kind: str
+    data: Any
+    time: float = field(default_factory=time.time)
 
 
 def _walk(widget: ipywidgets.Widget) -> Iterable[ipywidgets.Widget]:

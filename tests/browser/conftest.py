@@ -14,18 +14,45 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-CHROMIUM = "/usr/bin/chromium"
+# Debian's Chromium (`make test` installs it where apt-get is there); TRAINORCH_CHROMIUM names another.
+CHROMIUM = os.environ.get("TRAINORCH_CHROMIUM") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-quic"]
 REPO = Path(__file__).resolve().parents[2]
 SHOTS = REPO / "test-artifacts" / "browser"
+
+
+SKIP_VAR = "TRAINORCH_SKIP_BROWSER"
+
+
+def require_browser(chromium: str = CHROMIUM, env: Mapping[str, str] | None = None) -> None:
+    """Fail (not skip) when the browser tests cannot run, unless they were explicitly opted out of.
+
+    ``make test`` installs Debian's Chromium where apt-get is there (see .ci/ensure-chromium); a machine
+    without it must not go green having silently skipped the only real-browser tests.
+    """
+    env = os.environ if env is None else env
+    missing = []
+    if not Path(chromium).exists():
+        missing.append(f"{chromium} is missing (install Debian's chromium: apt-get install chromium; never "
+                       "`playwright install`)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing.append("the playwright Python package is missing (make install)")
+    if not missing:
+        return
+    why = "; ".join(missing)
+    if env.get(SKIP_VAR, "").strip().lower() in ("1", "true", "yes", "on"):
+        pytest.skip(f"browser tests skipped ({SKIP_VAR} is set): {why}")
+    pytest.fail(f"the browser tests cannot run: {why}. Set {SKIP_VAR}=1 to skip them explicitly.", pytrace=False)
 
 
 def _free_port() -> int:
@@ -47,9 +74,7 @@ class Lab:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} is missing (the browser tests use Debian's Chromium, never `playwright install`)")
-    pytest.importorskip("playwright.sync_api")
+    require_browser()
     base = tmp_path_factory.mktemp("lab")
     root = base / "workspace"
     root.mkdir()
