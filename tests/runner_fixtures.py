@@ -79,16 +79,35 @@ class RunningRunner:
                     os.killpg(pgid, signal.SIGKILL)
 
 
+def write_token_file(directory: Path, token: str) -> Path:
+    """A 0600 file holding ``token``, the way a provider hands it to the runner (which deletes it)."""
+    path = directory / f"token-{secrets.token_hex(4)}"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return path
+
+
 def start_runner(state_dir: Path, *, token: str | None = None, args: tuple[str, ...] = (),
-                 module: bool = False, port: int = 0, wait: bool = True) -> RunningRunner:
+                 module: bool = False, port: int = 0, wait: bool = True, token_via: str = "file",
+                 env: dict[str, str] | None = None, python: str = PY) -> RunningRunner:
+    """A runner subprocess on loopback. ``token_via``: "file" (``--token-file``) or "env" (the legacy
+    ``TRAINORCH_RUNNER_TOKEN``). ``env`` replaces the environment it starts with (the token aside)."""
     token = token or secrets.token_urlsafe(24)
-    env = dict(os.environ, TRAINORCH_RUNNER_TOKEN=token, PYTHONPATH=str(REPO))
+    run_env = dict(os.environ if env is None else env, PYTHONPATH=str(REPO))
+    run_env.pop("TRAINORCH_RUNNER_TOKEN", None)
     state_dir.mkdir(parents=True, exist_ok=True)
+    token_args: list[str] = []
+    if token_via == "env":
+        run_env["TRAINORCH_RUNNER_TOKEN"] = token
+    else:
+        token_args = ["--token-file", str(write_token_file(state_dir.parent, token))]
     stderr_path = state_dir.parent / f"{state_dir.name}-runner-stderr-{secrets.token_hex(3)}.txt"
     target = ["-m", "trainorch_jupyter.runner"] if module else [str(RUNNER_PY)]
     with open(stderr_path, "wb") as err:
-        proc = subprocess.Popen([PY, *target, "--state-dir", str(state_dir), "--port", str(port), *args],
-                                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+        proc = subprocess.Popen([python, *target, "--state-dir", str(state_dir), "--port", str(port), *token_args,
+                                 *args],
+                                env=run_env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
                                 cwd=str(state_dir.parent))
     info_path = state_dir / "runner.json"
     runner = RunningRunner(proc=proc, state_dir=state_dir, token=token, url=f"http://127.0.0.1:{port}", port=port,

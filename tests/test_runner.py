@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import http.client
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -91,7 +94,8 @@ def test_runner_json_health_and_layout(runner: RunningRunner, client: httpx.Clie
     info = json.loads((runner.state_dir / "runner.json").read_text())
     assert info["pid"] == runner.proc.pid and info["host"] == "127.0.0.1" and info["port"] > 0
     assert info["url"] == f"http://127.0.0.1:{info['port']}"
-    assert client.get("/v1/health").json() == {"ok": True, "version": "1", "state": "idle"}
+    assert client.get("/v1/health").json() == {"ok": True, "version": "1", "state": "idle",
+                                               "max_upload_bytes": 64 << 30}
     for d in ("inputs", "output", "work"):
         assert (runner.state_dir / d).is_dir()
     st = client.get("/v1/status").json()
@@ -706,10 +710,310 @@ def test_sigterm_to_runner_stops_the_command(runner: RunningRunner, client: http
     assert group_pids(res["pid"]) == []
 
 
-def test_idle_timeout(tmp_path: Path) -> None:
-    with running(tmp_path / "state", args=("--idle-timeout", "1")) as r:
+def test_idle_timeout_alone_still_bounds_the_time_after_exit(tmp_path: Path) -> None:
+    """``--idle-timeout`` without ``--retention`` keeps its old meaning after the command exited."""
+    with running(tmp_path / "state", args=("--idle-timeout", "8")) as r:
         with r.client() as c:
             start(c, ["true"])
             wait_exited(c)
-        assert r.proc.wait(20) == 0
+        # No exit while a client keeps asking (the retention counts from the last request).
+        assert r.proc.poll() is None
+        with r.client() as c:
+            assert c.get("/v1/manifest").status_code == 200
+        assert r.proc.wait(60) == 0
+        assert r.status_file()["runner_exit_reason"] == "retention-expired"
         assert r.token not in r.stderr_path.read_text()
+
+
+# ------------------------------------------------------------------------------------ the runner's life (issue 7.3)
+
+
+def _hook(tmp_path: Path) -> tuple[str, Path]:
+    """An --on-exit hook that records the reason and the token variable it saw."""
+    out = tmp_path / "hook.txt"
+    return f'echo "$TRAINORCH_EXIT_REASON ${{TRAINORCH_RUNNER_TOKEN:-no-token}}" >> {out}', out
+
+
+def test_runner_that_never_gets_a_start_exits_after_the_idle_timeout(tmp_path: Path) -> None:
+    """Issue 7.3: a runner whose kernel died during provisioning must not live (and bill) for ever."""
+    cmd, hook_out = _hook(tmp_path)
+    r = start_runner(tmp_path / "state", args=("--idle-timeout", "2", "--retention", "600", "--on-exit", cmd))
+    try:
+        assert r.proc.wait(60) == 0
+        st = r.status_file()
+        assert st["state"] == "idle" and st["runner_exit_reason"] == "idle-before-start"
+        assert not (r.state_dir / "runner.json").exists()
+        assert hook_out.read_text() == "idle-before-start no-token\n"  # once, without the token
+        assert "idle-before-start" in r.stderr_path.read_text()
+    finally:
+        r.stop()
+
+
+def test_requests_keep_an_idle_runner_alive(tmp_path: Path) -> None:
+    with running(tmp_path / "state", args=("--idle-timeout", "4")) as r, r.client() as c:
+        for _ in range(12):  # 6 s of requests every 0.5 s: longer than the idle timeout
+            assert c.get("/v1/health").status_code == 200
+            time.sleep(0.5)
+        assert r.proc.poll() is None
+        assert r.proc.wait(60) == 0
+        assert r.status_file()["runner_exit_reason"] == "idle-before-start"
+
+
+def test_retention_after_exit_then_the_on_exit_hook(tmp_path: Path) -> None:
+    """After the command exited the files stay served for the retention time (from the last request), then
+    the runner exits by itself and runs its dead-man hook once, with the reason."""
+    cmd, hook_out = _hook(tmp_path)
+    r = start_runner(tmp_path / "state", args=("--idle-timeout", "600", "--retention", "2", "--on-exit", cmd))
+    try:
+        with r.client() as c:
+            start(c, py_command("import os; open(os.environ['TRAINORCH_OUTPUT_DIR'] + '/a.txt', 'w').write('a')"))
+            wait_exited(c)
+            assert c.get("/v1/files/a.txt").content == b"a"
+        assert r.proc.wait(60) == 0
+        st = r.status_file()
+        assert st["state"] == "exited" and st["exit_code"] == 0 and st["runner_exit_reason"] == "retention-expired"
+        assert hook_out.read_text() == "retention-expired no-token\n"
+        assert "retention-expired" in r.stderr_path.read_text()
+    finally:
+        r.stop()
+
+
+def test_retention_counts_from_the_exit_not_from_an_old_request(tmp_path: Path) -> None:
+    """A job that ran longer than the retention, with nobody asking meanwhile, still gets its retention."""
+    r = start_runner(tmp_path / "state", args=("--idle-timeout", "600", "--retention", "4"))
+    try:
+        with r.client() as c:
+            start(c, py_command("import time; time.sleep(5)"))
+        time.sleep(5.5)  # no request while the command runs, longer than the retention
+        with r.client() as c:
+            st = wait_exited(c)
+            assert st["exit_code"] == 0
+            assert c.get("/v1/manifest").status_code == 200
+        assert r.proc.wait(60) == 0
+    finally:
+        r.stop()
+
+
+def test_sigterm_ends_the_runner_without_the_hook_and_shutdown_runs_it(tmp_path: Path) -> None:
+    """Decided: a SIGTERM comes from whoever is taking the machine down already (a provider's terminate):
+    no hook. POST /v1/shutdown is the runner's life ending on request: the hook runs."""
+    cmd, hook_out = _hook(tmp_path)
+    r = start_runner(tmp_path / "a", args=("--on-exit", cmd))
+    try:
+        r.proc.send_signal(signal.SIGTERM)
+        assert r.proc.wait(30) == 0
+        assert r.status_file()["runner_exit_reason"] == "signal"
+        assert not hook_out.exists()
+    finally:
+        r.stop()
+    r = start_runner(tmp_path / "b", args=("--on-exit", cmd))
+    try:
+        with r.client() as c:
+            assert c.post("/v1/shutdown").status_code == 200
+        assert r.proc.wait(30) == 0
+        assert r.status_file()["runner_exit_reason"] == "shutdown-request"
+        assert hook_out.read_text() == "shutdown-request no-token\n"
+    finally:
+        r.stop()
+
+
+# ------------------------------------------------------------------------------------ metrics after "\r" (issue 7.7)
+
+PROGRESS_THEN_METRICS = r"""
+import json, sys, time
+from tqdm import tqdm
+
+def metric(step):
+    print('TRAINORCH_METRIC ' + json.dumps({'step': step}), flush=True)
+
+# 1. a real tqdm bar on stderr, a metric line printed on stdout after each frame (one pipe for both)
+for i in tqdm(range(3), file=sys.stderr, mininterval=0, miniters=1):
+    time.sleep(0.01)
+    metric(i)
+# 2. a hand-drawn frame "\r<bar>" (no line end) on stderr, then the metric on stdout
+sys.stderr.write('\r 40%|####      | 2/5'); sys.stderr.flush()
+metric(10)
+# 3. "\r" within the same stream: a frame ended by "\r", then the metric line
+sys.stdout.write('step 4/5\r'); sys.stdout.flush()
+metric(11)
+# 4. several frames and the metric in one write
+sys.stdout.write('\rframe a\rframe b\rTRAINORCH_METRIC {"step": 12}\n'); sys.stdout.flush()
+# still not a metric: a line that merely mentions the prefix
+print('say TRAINORCH_METRIC {"step": 99}')
+"""
+
+
+def test_metric_lines_after_carriage_return_progress_output(runner: RunningRunner, client: httpx.Client) -> None:
+    """Issue 7.7: a tqdm frame on stderr before print("TRAINORCH_METRIC ...") hid the metric."""
+    pytest.importorskip("tqdm")
+    start(client, py_command(PROGRESS_THEN_METRICS))
+    st = wait_exited(client)
+    log = (runner.state_dir / "job.log").read_bytes()
+    assert st["exit_code"] == 0, log
+    body = client.get("/v1/metrics", params={"offset": 0}).json()
+    assert [m["step"] for m in body["metrics"]] == [0, 1, 2, 10, 11, 12]
+    assert log.count(b"TRAINORCH_METRIC ") == 7  # and every line stays in the log
+
+
+# ------------------------------------------------------------------------------------ the token and the state dir (issue 7.15)
+
+TOKEN_PROBE = r"""
+import json, os, sys
+token = sys.argv[1].encode()
+try:
+    with open(f'/proc/{os.getppid()}/environ', 'rb') as f:
+        parent_env = f.read()
+    readable = True
+except OSError:
+    parent_env, readable = b'', False
+own = b'\0'.join(f'{k}={v}'.encode() for k, v in os.environ.items())
+print(json.dumps({'readable': readable, 'in_parent': token in parent_env, 'in_own': token in own,
+                  'parent_has_path': b'PATH=' in parent_env}))
+"""
+
+
+@pytest.mark.parametrize("token_via", ["file", "env"])
+def test_the_job_cannot_read_the_token_from_the_runner(tmp_path: Path, token_via: str) -> None:
+    """Issue 7.15: popping os.environ does not clear /proc/<runner pid>/environ. With --token-file the token
+    is never in the runner's environment; given the legacy way (env), the runner restarts itself without it."""
+    with running(tmp_path / "state", token_via=token_via) as r, r.client() as c:
+        assert not list(tmp_path.glob("token-*")) and not list(r.state_dir.glob(".runner-token-*"))
+        start(c, [*py_command(TOKEN_PROBE), r.token])
+        assert wait_exited(c)["exit_code"] == 0
+        log, _ = read_all_logs(c)
+        probe = json.loads(log)
+        if Path("/proc/self/environ").exists():
+            # Not vacuous: the job could read the runner's environment (same user), and the token is not there.
+            assert probe["readable"] and probe["parent_has_path"]
+        assert probe == {**probe, "in_parent": False, "in_own": False}
+        info = json.loads((r.state_dir / "runner.json").read_text())
+        assert info["pid"] == r.proc.pid  # the restart (exec) keeps the pid the provider knows
+
+
+def test_token_file_must_be_private_and_is_deleted(tmp_path: Path) -> None:
+    loose = tmp_path / "loose-token"
+    loose.write_text("secret-token-value\n")
+    loose.chmod(0o644)
+    proc = subprocess.run([PY, str(RUNNER_PY), "--state-dir", str(tmp_path / "s"), "--token-file", str(loose)],
+                          capture_output=True, timeout=30, env={k: v for k, v in os.environ.items()
+                                                                if k != "TRAINORCH_RUNNER_TOKEN"})
+    assert proc.returncode == 2 and b"0600" in proc.stderr and b"secret-token-value" not in proc.stderr
+    assert not loose.exists()  # a token that may have leaked is not left lying around either
+    proc = subprocess.run([PY, str(RUNNER_PY), "--state-dir", str(tmp_path / "s"), "--token-file",
+                           str(tmp_path / "missing")], capture_output=True, timeout=30)
+    assert proc.returncode == 2 and b"token file" in proc.stderr
+
+
+def test_state_dir_is_private(tmp_path: Path) -> None:
+    """Issue 7.15: the state dir holds the job's log and outputs: 0700 dirs, 0600 files."""
+    with running(tmp_path / "state") as r, r.client() as c:
+        data = b"input\n"
+        assert c.put("/v1/inputs/in.txt", content=data,
+                     headers={"X-Sha256": hashlib.sha256(data).hexdigest()}).status_code == 200
+        start(c, py_command("print('TRAINORCH_METRIC {\"step\": 1}')"))
+        wait_exited(c)
+        modes = {p.relative_to(r.state_dir).as_posix(): p.stat().st_mode & 0o777
+                 for p in [r.state_dir, *r.state_dir.rglob("*")]}
+    assert {p for p, m in modes.items() if m != 0o700 and (r.state_dir / p).is_dir()} == set()
+    files = {"job.log", "metrics.jsonl", "status.json", "manifest.json", "runner.lock", "inputs/in.txt"}
+    assert files <= set(modes)
+    assert {p: modes[p] for p in files} == dict.fromkeys(files, 0o600)
+    assert modes["."] == 0o700
+
+
+# ------------------------------------------------------------------------------------ untrusted clients (issue 7.16)
+
+
+def test_upload_over_the_cap_gets_a_clear_413(tmp_path: Path) -> None:
+    with running(tmp_path / "state", args=("--max-upload-bytes", "1000")) as r, r.client() as c:
+        assert c.get("/v1/health").json()["max_upload_bytes"] == 1000
+        ok = b"x" * 1000
+        assert c.put("/v1/inputs/ok.bin", content=ok,
+                     headers={"X-Sha256": hashlib.sha256(ok).hexdigest()}).status_code == 200
+        big = b"y" * 200_000
+        r1 = c.put("/v1/inputs/big.bin", content=big, headers={"X-Sha256": hashlib.sha256(big).hexdigest()})
+        assert r1.status_code == 413 and "at most 1000 bytes" in r1.json()["error"]
+
+        def chunks() -> Iterator[bytes]:  # no Content-Length: the cap holds while the body streams
+            for _ in range(200):
+                yield b"z" * 1000
+
+        r2 = c.put("/v1/inputs/chunked.bin", content=chunks(),
+                   headers={"X-Sha256": hashlib.sha256(b"z" * 200_000).hexdigest()})
+        assert r2.status_code == 413 and "1000 bytes" in r2.json()["error"]
+        assert sorted(p.name for p in (r.state_dir / "inputs").iterdir()) == ["ok.bin"]
+        assert list((r.state_dir / "tmp").iterdir()) == []
+        assert c.get("/v1/health").status_code == 200
+
+
+def _closed_by_server(sock: socket.socket, trickle: bytes, timeout: float) -> bool:
+    """Send ``trickle`` one byte every 0.2 s (then nothing); True once the server closes the connection."""
+    deadline = time.monotonic() + timeout
+    sock.settimeout(0.2)
+    i = 0
+    while time.monotonic() < deadline:
+        try:
+            if i < len(trickle):
+                sock.send(trickle[i : i + 1])
+                i += 1
+            if sock.recv(4096) == b"":
+                return True
+        except TimeoutError:
+            continue
+        except OSError:
+            return True
+    return False
+
+
+def test_unauthenticated_slow_connections_cannot_hold_a_thread(tmp_path: Path) -> None:
+    """Issue 7.16: a client that sends nothing, or a request head one byte at a time, is closed at the auth
+    deadline (per-read timeouts alone let a trickle hold a thread for ever); an authenticated long-poll
+    may still wait longer than that."""
+    with running(tmp_path / "state", args=("--auth-timeout", "1")) as r:
+        silent = socket.create_connection(("127.0.0.1", r.port))
+        trickling = socket.create_connection(("127.0.0.1", r.port))
+        try:
+            head = b"GET /v1/status HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"a" * 200
+            assert _closed_by_server(trickling, head, timeout=30)
+            assert _closed_by_server(silent, b"", timeout=30)
+        finally:
+            silent.close()
+            trickling.close()
+        with r.client() as c:
+            res = c.get("/v1/logs", params={"offset": 0, "wait": 3})  # idle runner: waits the whole 3 s
+            assert res.status_code == 200 and res.headers["X-Log-Complete"] == "0"
+
+
+# ------------------------------------------------------------------------------------ Python 3.9
+
+
+def _python39() -> str | None:
+    candidates = [shutil.which("python3.9"), *sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.9*/bin/python3.9")))]
+    for exe in candidates:
+        if not exe:
+            continue
+        try:
+            out = subprocess.run([exe, "-c", "import sys; print(sys.version_info[:2] == (3, 9))"],
+                                 capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if out.stdout.strip() == "True":
+            return exe
+    return None
+
+
+def test_runner_runs_a_job_on_python_39(tmp_path: Path) -> None:
+    """runner.py is shipped alone to bare images, some with an old Python: it must run on 3.9."""
+    exe = _python39()
+    if exe is None:
+        pytest.skip("no Python 3.9 interpreter here")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYENV_")}
+    with running(tmp_path / "state", python=exe, env=env) as r, r.client() as c:
+        code = ("import os, sys; print('TRAINORCH_METRIC {\"step\": 1}'); sys.stderr.write('\\rbar');"
+                "print('TRAINORCH_METRIC {\"step\": 2}');"
+                "open(os.environ['TRAINORCH_OUTPUT_DIR'] + '/o.txt', 'w').write('o')")
+        start(c, [PY, "-c", code], max_runtime_s=60, grace_s=5)
+        assert wait_exited(c)["exit_code"] == 0
+        assert [m["step"] for m in c.get("/v1/metrics", params={"offset": 0}).json()["metrics"]] == [1, 2]
+        assert c.get("/v1/files/o.txt").content == b"o"
+        assert c.post("/v1/cancel", json={"grace_s": 1}).status_code == 200

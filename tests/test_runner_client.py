@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import http.server
+import json
 import logging
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -156,10 +159,11 @@ def test_health_status_and_errors_without_token(runner: RunningRunner, caplog: p
 
     async def main() -> None:
         async with RunnerClient(runner.url, runner.token) as c:
-            assert await c.health() == {"ok": True, "version": "1", "state": "idle"}
+            assert await c.health() == {"ok": True, "version": "1", "state": "idle", "max_upload_bytes": 64 << 30}
             st = await c.status()
             assert st["state"] == "idle"
-            assert await c.wait_ready(timeout=5) == {"ok": True, "version": "1", "state": "idle"}
+            assert await c.wait_ready(timeout=5) == {"ok": True, "version": "1", "state": "idle",
+                                                     "max_upload_bytes": 64 << 30}
             with pytest.raises(RunnerHTTPError) as info:
                 await c.start([])
             assert info.value.status == 400 and "command" in info.value.error
@@ -376,5 +380,177 @@ def test_log_read_cut_mid_body_is_retried(runner: RunningRunner) -> None:
             assert chunk == whole and len(chunk.data) > 500
             assert proxy.connections == 2
             assert await follow_logs(c) == b"".join(b"row %04d\n" % i for i in range(3000))
+
+    run(main())
+
+
+# ------------------------------------------------------------------------------------ untrusted answers (issue 7.16)
+
+
+def test_upload_over_the_runner_cap_is_a_clear_413(tmp_path: Path) -> None:
+    """The runner refuses an input over --max-upload-bytes; the client says so (before sending, as the
+    runner advertises its cap) instead of a connection reset after the body was half sent."""
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(3_000_000))
+    small = tmp_path / "small.bin"
+    small.write_bytes(b"s" * 10)
+
+    async def main(r: RunningRunner) -> None:
+        async with RunnerClient(r.url, r.token) as c:
+            with pytest.raises(RunnerHTTPError) as info:
+                await c.upload_input("big.bin", big)
+            assert info.value.status == 413 and "at most 100000 bytes" in str(info.value)
+            assert (await c.upload_input("small.bin", small))["size"] == 10
+
+    with running(tmp_path / "state", args=("--max-upload-bytes", "100000")) as r:
+        run(main(r))
+        assert sorted(p.name for p in (r.state_dir / "inputs").iterdir()) == ["small.bin"]
+
+
+class ScriptedRunner:
+    """A misbehaving runner on loopback: ``answers[path] = (status, headers, body)``; anything else 404."""
+
+    def __init__(self) -> None:
+        self.answers: dict[str, tuple[int, dict[str, str], bytes]] = {}
+        scripted = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                status, headers, body = scripted.answers.get(self.path.split("?")[0], (404, {}, b"{}"))
+                self.send_response(status)
+                chunked = "Transfer-Encoding" in headers  # no Content-Length: only reading tells the size
+                headers = headers if chunked else {"Content-Length": str(len(body)), **headers}
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                with contextlib.suppress(OSError):
+                    if not chunked:
+                        self.wfile.write(body)
+                        return
+                    for i in range(0, len(body), 65536):
+                        block = body[i : i + 65536]
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(block), block))
+                    self.wfile.write(b"0\r\n\r\n")
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def json(self, path: str, obj: object, status: int = 200) -> None:
+        self.answers[path] = (status, {"Content-Type": "application/json"}, json.dumps(obj).encode())
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def scripted() -> Iterator[ScriptedRunner]:
+    s = ScriptedRunner()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def _logs(s: ScriptedRunner, body: bytes, next_offset: str | None, chunked: bool = False) -> None:
+    headers = {"X-Log-Complete": "0"}
+    if chunked:
+        headers["Transfer-Encoding"] = "chunked"
+    if next_offset is not None:
+        headers["X-Next-Offset"] = next_offset
+    s.answers["/v1/logs"] = (200, headers, body)
+
+
+def test_log_answers_are_bounded_and_offsets_checked(scripted: ScriptedRunner) -> None:
+    async def main() -> None:
+        async with RunnerClient(scripted.url, "tok", request_timeout=10) as c:
+            _logs(scripted, b"abc\n", "14")
+            assert (await c.read_logs(10, wait=0)).next_offset == 14
+            for bad in (None, "x", "-3", "9", "13", "15", "100"):  # missing, garbage, backwards, short, beyond
+                _logs(scripted, b"abc\n", bad)
+                with pytest.raises(RunnerError, match="X-Next-Offset"):
+                    await c.read_logs(10, wait=0)
+            # More than asked for (or, with no limit, more than the runner's 1 MiB default): refused unread.
+            _logs(scripted, b"x" * 2000, "2000")
+            with pytest.raises(RunnerError, match="more than the 1000 bytes"):
+                await c.read_logs(0, wait=0, limit=1000)
+            _logs(scripted, b"x" * ((1 << 20) + 1), str((1 << 20) + 1))
+            with pytest.raises(RunnerError, match="more than"):
+                await c.read_logs(0, wait=0)
+            _logs(scripted, b"x" * (8 << 20), str(8 << 20), chunked=True)  # no size given: cut while reading
+            with pytest.raises(RunnerError, match="more than the 1000 bytes"):
+                await c.read_logs(0, wait=0, limit=1000)
+
+    run(main())
+
+
+def test_metrics_answers_are_checked(scripted: ScriptedRunner) -> None:
+    async def main() -> None:
+        async with RunnerClient(scripted.url, "tok", request_timeout=10) as c:
+            good = {"metrics": [{"step": 1}], "next_offset": 10 + len('{"step":1}\n'), "complete": False}
+            scripted.json("/v1/metrics", good)
+            assert (await c.read_metrics(10, wait=0)).metrics == [{"step": 1}]
+            scripted.json("/v1/metrics", {"metrics": [], "next_offset": 10, "complete": True})
+            assert (await c.read_metrics(10, wait=0)).complete is True
+            bads: list[object] = [
+                {"metrics": [{"step": 1}]},  # no next_offset: was a KeyError
+                {"metrics": [], "next_offset": "12"},
+                {"metrics": [], "next_offset": True},
+                {"metrics": [], "next_offset": 5},  # backwards
+                {"metrics": [{"step": 1}], "next_offset": 10},  # metrics, but no progress: would repeat them
+                {"metrics": [{"step": 1}], "next_offset": 10_000},  # beyond what was sent
+            ]
+            for bad in bads:
+                scripted.json("/v1/metrics", bad)
+                with pytest.raises(RunnerError, match="next_offset"):
+                    await c.read_metrics(10, wait=0)
+            scripted.json("/v1/metrics", {"metrics": [{"k": "v" * 100}] * 50_000, "next_offset": 20})
+            with pytest.raises(RunnerError, match="more than"):
+                await c.read_metrics(10, wait=0)
+
+    run(main())
+
+
+def test_status_and_manifest_answers_are_bounded(scripted: ScriptedRunner) -> None:
+    def entry(i: int, size: int = 1) -> dict[str, object]:
+        return {"path": f"f{i}", "size": size, "sha256": "0" * 64}
+
+    async def main() -> None:
+        async with RunnerClient(scripted.url, "tok", request_timeout=10) as c:
+            scripted.json("/v1/status", {"state": "running", "error": "e" * (2 << 20)})
+            with pytest.raises(RunnerError, match="more than"):
+                await c.status()
+            scripted.json("/v1/status", ["not", "an", "object"])
+            with pytest.raises(RunnerError, match="not an object"):
+                await c.status()
+            scripted.json("/v1/manifest", {"files": [entry(1, 5), entry(2, 6)], "total_size": 11, "exit_code": 0})
+            assert (await c.manifest() or {})["total_size"] == 11
+            bads: list[tuple[object, str]] = [
+                ({"files": [entry(i) for i in range(100_001)], "total_size": 100_001}, "100001 files"),
+                ({"files": [entry(1, 1 << 50)], "total_size": 1 << 50}, "bytes in all"),
+                ({"files": [entry(1, 5)], "total_size": 6}, "total_size"),
+                ({"files": [entry(1, -1)], "total_size": -1}, "size"),
+                ({"files": [{"path": "a", "size": "5"}]}, "size"),
+                ({"nofiles": []}, "files"),
+            ]
+            for bad, match in bads:
+                scripted.json("/v1/manifest", bad)
+                with pytest.raises(RunnerError, match=match):
+                    await c.manifest()
+            scripted.answers["/v1/manifest"] = (200, {}, b"[" * (70 << 20))
+            with pytest.raises(RunnerError, match="more than"):
+                await c.manifest()
+            # An error answer is read only so far: its message is cut, the rest is not buffered.
+            scripted.answers["/v1/status"] = (400, {}, b"E" * (8 << 20))
+            with pytest.raises(RunnerHTTPError) as info:
+                await c.status()
+            assert info.value.status == 400 and len(info.value.error) <= 500
 
     run(main())

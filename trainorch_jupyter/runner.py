@@ -1,14 +1,16 @@
 """The trainorch runner: the agent that runs one job's command on the training machine.
 
-This file is self-contained and uses only the standard library (Python 3.11+): it is shipped inline
-to bare images and run as ``python runner.py --state-dir DIR``. It also runs as
-``python -m trainorch_jupyter.runner``. The HTTP protocol it serves is ``docs/PROTOCOL.md`` section 2.
+This file is self-contained and uses only the standard library (Python 3.9+: no ``match``, no ``X | Y``
+outside annotations): it is shipped inline to bare images and run as ``python runner.py --state-dir DIR``.
+It also runs as ``python -m trainorch_jupyter.runner``. The HTTP protocol it serves is ``docs/PROTOCOL.md``
+section 2.
 
 Threads: the HTTP server (one thread per connection), one reader thread that copies the command's
 stdout+stderr into ``job.log`` (and metrics lines into ``metrics.jsonl``), one supervisor thread that
 waits for the command, enforces the cancel grace period and ``max_runtime_s``, hashes the output and
-marks the job exited, and an optional idle watchdog. Everything shared lives in :class:`Runner`, guarded
-by one ``threading.Condition`` that also wakes the long-polls.
+marks the job exited, and one life watchdog (the runner's own end: idle before a start, retention after the
+command exited; it also closes connections that do not authenticate in time). Everything shared lives in
+:class:`Runner`, guarded by one ``threading.Condition`` that also wakes the long-polls.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import fnmatch
 import hashlib
 import hmac
 import json
 import os
+import re
 import select
 import signal
 import socket
@@ -31,13 +35,14 @@ import threading
 import time
 import traceback
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 VERSION = "1"
-TOKEN_ENV = "TRAINORCH_RUNNER_TOKEN"
+TOKEN_ENV = "TRAINORCH_RUNNER_TOKEN"  # legacy way in for the token (see _read_token); never reaches the job
 METRIC_PREFIX = b"TRAINORCH_METRIC "
+_SEGMENT_END = re.compile(rb"[\r\n]")
 
 MAX_WAIT_S = 25.0
 DEFAULT_LOG_LIMIT = 1 << 20  # 1 MiB
@@ -50,8 +55,64 @@ PIPE_READ = 1 << 16
 DEFAULT_GRACE_S = 10.0
 EOF_WAIT_S = 2.0  # after the command exits: how long its leftovers may hold the pipe open
 GROUP_GONE_WAIT_S = 5.0
-HANDLER_SOCKET_TIMEOUT_S = 120.0
+HANDLER_SOCKET_TIMEOUT_S = 120.0  # per read/write, once a request is authenticated (long-polls, big bodies)
+DEFAULT_AUTH_TIMEOUT_S = 15.0  # a connection must send a complete, authenticated request head within this
+DEFAULT_MAX_UPLOAD_BYTES = 64 << 30  # one input file; --max-upload-bytes
+DISK_MARGIN_BYTES = 64 << 20  # an upload must leave this much free on the state dir's file system
+LINGER_MAX_BYTES = 16 << 20  # after refusing a body: how much of it is read (and dropped) so the client sees why
+LINGER_S = 5.0
 SIGNAL_GRACE_S = 5.0  # grace for the command when the runner itself gets SIGTERM/SIGINT
+ON_EXIT_TIMEOUT_S = 300.0  # the --on-exit hook may run this long
+
+# Why the runner process ended (status.json "runner_exit_reason", env TRAINORCH_EXIT_REASON of the hook).
+EXIT_IDLE_BEFORE_START = "idle-before-start"  # no authenticated request for --idle-timeout before any start
+EXIT_RETENTION_EXPIRED = "retention-expired"  # no authenticated request for --retention after the command exited
+EXIT_SHUTDOWN_REQUEST = "shutdown-request"  # POST /v1/shutdown
+EXIT_SIGNAL = "signal"  # SIGTERM/SIGINT from outside (a provider's terminate, the machine going down)
+EXIT_ERROR = "error"  # the HTTP server failed
+#: Reasons that run the --on-exit hook: the runner's life ended and nobody outside is taking the machine down.
+ON_EXIT_REASONS = frozenset({EXIT_IDLE_BEFORE_START, EXIT_RETENTION_EXPIRED, EXIT_SHUTDOWN_REQUEST, EXIT_ERROR})
+
+# The job's environment: the runner's own, less anything that looks like a secret, plus what the start
+# request sets explicitly. One rule for the whole package (trainorch_jupyter._env re-exports it).
+SECRET_ENV_PATTERNS_ENV = "TRAINORCH_SECRET_ENV_PATTERNS"
+DEFAULT_SECRET_ENV_PATTERNS = ("*_KEY", "*_TOKEN", "*_SECRET", "*PASSWORD*", "*_CREDENTIALS")
+#: Always dropped, whatever the patterns say: provider keys, the notification URL, the runner's own token.
+SECRET_ENV_NAMES = frozenset({"RUNPOD_API_KEY", "LAMBDA_API_KEY", "VAST_API_KEY", "TRAINORCH_WEBHOOK_URL", TOKEN_ENV})
+
+
+def secret_env_patterns(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """The glob patterns (case-insensitive) of secret-looking variable names.
+
+    ``TRAINORCH_SECRET_ENV_PATTERNS`` (comma-separated globs, in ``environ`` or ``os.environ``) replaces
+    :data:`DEFAULT_SECRET_ENV_PATTERNS` when set; set it empty to keep only :data:`SECRET_ENV_NAMES` out.
+    """
+    raw = (os.environ if environ is None else environ).get(SECRET_ENV_PATTERNS_ENV)
+    if raw is None:
+        return DEFAULT_SECRET_ENV_PATTERNS
+    return tuple(p.strip().upper() for p in raw.split(",") if p.strip())
+
+
+def is_secret_env_name(name: str, patterns: tuple[str, ...] | None = None) -> bool:
+    """Whether an environment variable called ``name`` must be kept from a job."""
+    upper = name.upper()
+    if upper in SECRET_ENV_NAMES:
+        return True
+    pats = secret_env_patterns() if patterns is None else patterns
+    return any(fnmatch.fnmatchcase(upper, p.upper()) for p in pats)
+
+
+def job_environment(base: Mapping[str, str], explicit: Mapping[str, str] | None = None,
+                    patterns: tuple[str, ...] | None = None) -> dict[str, str]:
+    """``base`` without its secret-looking variables, then ``explicit`` (what the job's spec sets) on top.
+
+    The runner's token is never passed, not even when ``explicit`` names it.
+    """
+    pats = secret_env_patterns(base) if patterns is None else patterns
+    env = {k: v for k, v in base.items() if not is_secret_env_name(k, pats)}
+    env.update(explicit or {})
+    env.pop(TOKEN_ENV, None)
+    return env
 
 
 def _log(msg: str) -> None:
@@ -63,9 +124,24 @@ def _log(msg: str) -> None:
         pass
 
 
+def _open_private(path: str, flags: int) -> int:
+    """``os.open`` of a file only this user may read (0600), whatever the umask."""
+    fd = os.open(path, flags | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+    with contextlib.suppress(OSError):
+        os.fchmod(fd, 0o600)
+    return fd
+
+
+def _private_dir(path: str) -> None:
+    """Make ``path`` (and missing parents) and keep it to this user (0700)."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o700)
+
+
 def _atomic_write_json(path: str, data: Any) -> None:
     tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with os.fdopen(_open_private(tmp, os.O_WRONLY | os.O_TRUNC), "w", encoding="utf-8") as f:
         json.dump(data, f, separators=(",", ":"))
         f.flush()
         os.fsync(f.fileno())
@@ -167,12 +243,75 @@ def build_manifest(output_dir: str) -> list[dict[str, Any]]:
     return files
 
 
+def parse_metric(segment: bytes, after_cr: bool) -> bytes | None:
+    """The metric in one output segment (text between two "\\r"/"\\n"), as one compact JSON line, or None.
+
+    A metric segment starts with ``TRAINORCH_METRIC `` and the rest is one JSON object. A segment that a
+    "\\r" opened may hold a progress-bar frame first: tqdm draws "\\r<bar>" without a line end, so a metric
+    printed next (on stdout, the frame on stderr: one pipe) lands behind the frame. There, the first
+    occurrence of the prefix whose rest is a JSON object counts.
+    """
+    if len(segment) > MAX_METRIC_LINE:
+        return None
+    if segment.startswith(METRIC_PREFIX):
+        starts = [0]
+    elif after_cr:
+        starts = []
+        i = segment.find(METRIC_PREFIX)
+        while i >= 0:
+            starts.append(i)
+            i = segment.find(METRIC_PREFIX, i + 1)
+    else:
+        return None
+    for i in starts:
+        try:
+            obj = json.loads(segment[i + len(METRIC_PREFIX) :].decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            continue
+        if isinstance(obj, dict):
+            return json.dumps(obj, separators=(",", ":")).encode("utf-8") + b"\n"
+    return None
+
+
+class _SegmentScanner:
+    """Splits the command's output into segments ended by "\\n" or "\\r" and picks the metrics out."""
+
+    def __init__(self) -> None:
+        self.pending = bytearray()  # the current, unfinished segment
+        self.overflow = False  # the current segment is longer than MAX_METRIC_LINE: not a metric
+        self.after_cr = False  # the current segment was opened by a "\\r"
+
+    def feed(self, data: bytes) -> list[bytes]:
+        out: list[bytes] = []
+        pos = 0
+        for m in _SEGMENT_END.finditer(data):
+            i = m.start()
+            if self.overflow:
+                self.overflow = False
+            else:
+                segment = bytes(self.pending) + data[pos:i] if self.pending else data[pos:i]
+                if METRIC_PREFIX in segment:
+                    metric = parse_metric(segment, self.after_cr)
+                    if metric is not None:
+                        out.append(metric)
+            self.pending.clear()
+            self.after_cr = data[i] == 13  # b"\r"
+            pos = i + 1
+        if not self.overflow:
+            self.pending += data[pos:]
+            if len(self.pending) > MAX_METRIC_LINE:
+                self.pending.clear()
+                self.overflow = True
+        return out
+
+
 class Runner:
     """The job and its state on disk. One job per runner (per state dir)."""
 
-    def __init__(self, state_dir: str, token: str) -> None:
+    def __init__(self, state_dir: str, token: str, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> None:
         self.state_dir = os.path.abspath(state_dir)
         self._token = token.encode("utf-8")
+        self.max_upload_bytes = max_upload_bytes
         self.inputs_dir = os.path.join(self.state_dir, "inputs")
         self.output_dir = os.path.join(self.state_dir, "output")
         self.work_dir = os.path.join(self.state_dir, "work")
@@ -182,7 +321,7 @@ class Runner:
         self.status_path = os.path.join(self.state_dir, "status.json")
         self.manifest_path = os.path.join(self.state_dir, "manifest.json")
         for d in (self.state_dir, self.inputs_dir, self.output_dir, self.work_dir, self.tmp_dir):
-            os.makedirs(d, exist_ok=True)
+            _private_dir(d)
 
         self.cond = threading.Condition()
         self.state = "idle"
@@ -209,9 +348,10 @@ class Runner:
         self._reader_abandon = threading.Event()
         self._reader_done = threading.Event()
 
-        self.last_activity = time.monotonic()
+        self.last_activity = time.monotonic()  # last authenticated request, or the command's exit
         self.active_requests = 0
         self.shutting_down = False
+        self.exit_reason: str | None = None  # why this runner process ends (set once, when it starts to)
 
         self._load_previous_state()
 
@@ -276,6 +416,7 @@ class Runner:
             "log_size": self.log_size,
             "metrics_size": self.metrics_size,
             "error": self.error,
+            "runner_exit_reason": self.exit_reason,
         }
 
     def status(self) -> dict[str, Any]:
@@ -331,19 +472,18 @@ class Runner:
             raise HTTPError(400, "cwd must be a string or null")
         max_runtime_s = body.get("max_runtime_s")
         if max_runtime_s is not None and (
-            not isinstance(max_runtime_s, int | float) or isinstance(max_runtime_s, bool) or not max_runtime_s > 0
+            not isinstance(max_runtime_s, (int, float)) or isinstance(max_runtime_s, bool) or not max_runtime_s > 0
         ):
             raise HTTPError(400, "max_runtime_s must be a positive number or null")
         grace_s = body.get("grace_s", DEFAULT_GRACE_S)
         if grace_s is None:
             grace_s = DEFAULT_GRACE_S
-        if not isinstance(grace_s, int | float) or isinstance(grace_s, bool) or not 0 <= grace_s <= 3600:
+        if not isinstance(grace_s, (int, float)) or isinstance(grace_s, bool) or not 0 <= grace_s <= 3600:
             raise HTTPError(400, "grace_s must be a number of seconds from 0 to 3600")
 
-        full_env = dict(os.environ)
-        full_env.pop(TOKEN_ENV, None)
-        full_env.update(env)
-        full_env.pop(TOKEN_ENV, None)
+        # Nothing secret-looking of the runner's own environment reaches the command (a cloud machine's
+        # API key stays with the runner and its --on-exit hook); what the start request sets does.
+        full_env = job_environment(os.environ, env)
         full_env["TRAINORCH_OUTPUT_DIR"] = self.output_dir
         full_env["TRAINORCH_INPUT_DIR"] = self.inputs_dir
         full_env["PYTHONUNBUFFERED"] = "1"
@@ -376,7 +516,7 @@ class Runner:
             except (OSError, ValueError, subprocess.SubprocessError) as exc:
                 message = f"could not start the command: {exc}"
                 line = f"trainorch-runner: {message}\n".encode("utf-8", "replace")
-                with open(self.log_path, "ab") as f:
+                with os.fdopen(_open_private(self.log_path, os.O_WRONLY | os.O_APPEND), "ab") as f:
                     f.write(line)
                 self.log_size = self.log_whole_end = _file_size(self.log_path)
                 self.exit_code = 127
@@ -384,6 +524,7 @@ class Runner:
                 self.error = message
                 self._set_manifest(self._compute_manifest())
                 self.state = "exited"
+                self.last_activity = time.monotonic()  # the retention after the exit starts now
                 self._persist_status()
                 self.cond.notify_all()
                 raise HTTPError(400, message) from None
@@ -401,13 +542,14 @@ class Runner:
     def _read_output(self, proc: subprocess.Popen[bytes]) -> None:
         assert proc.stdout is not None
         fd = proc.stdout.fileno()
-        pending = bytearray()  # the current, not yet finished line (for metrics parsing only)
-        overflow = False  # the current line is longer than MAX_METRIC_LINE: not a metric
+        seg = _SegmentScanner()
         log_broken = False
         poller = select.poll()
         poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
         try:
-            with open(self.log_path, "ab") as log, open(self.metrics_path, "ab") as metrics:
+            log_fd = _open_private(self.log_path, os.O_WRONLY | os.O_APPEND)
+            metrics_fd = _open_private(self.metrics_path, os.O_WRONLY | os.O_APPEND)
+            with os.fdopen(log_fd, "ab") as log, os.fdopen(metrics_fd, "ab") as metrics:
                 while not self._reader_abandon.is_set():
                     try:
                         if not poller.poll(500):
@@ -435,30 +577,7 @@ class Runner:
                             self._persist_status()
                             self.cond.notify_all()
                         continue
-                    new_metrics: list[bytes] = []
-                    last_nl = data.rfind(b"\n")
-                    if last_nl < 0:
-                        if not overflow:
-                            pending += data
-                            if len(pending) > MAX_METRIC_LINE:
-                                pending.clear()
-                                overflow = True
-                    else:
-                        lines = data[:last_nl].split(b"\n")
-                        first = lines[0]
-                        if overflow:
-                            overflow = False
-                        else:
-                            pending += first
-                            self._parse_metric(bytes(pending), new_metrics)
-                        pending.clear()
-                        for line in lines[1:]:
-                            self._parse_metric(line, new_metrics)
-                        tail = data[last_nl + 1 :]
-                        if len(tail) > MAX_METRIC_LINE:
-                            overflow = True
-                        else:
-                            pending += tail
+                    new_metrics = seg.feed(data)
                     if new_metrics:
                         try:
                             metrics.write(b"".join(new_metrics))
@@ -467,7 +586,7 @@ class Runner:
                             new_metrics = []
                     # A carriage return ends a line too for readers: progress bars (tqdm) redraw one line
                     # with "\r" and would otherwise show nothing until their final newline.
-                    last_end = max(last_nl, data.rfind(b"\r"))
+                    last_end = max(data.rfind(b"\n"), data.rfind(b"\r"))
                     with self.cond:
                         if last_end >= 0:
                             self.log_whole_end = self.log_size + last_end + 1
@@ -481,18 +600,6 @@ class Runner:
             with contextlib.suppress(OSError):
                 proc.stdout.close()
             self._reader_done.set()
-
-    @staticmethod
-    def _parse_metric(line: bytes, out: list[bytes]) -> None:
-        if not line.startswith(METRIC_PREFIX) or len(line) > MAX_METRIC_LINE:
-            return
-        rest = line[len(METRIC_PREFIX) :].rstrip(b"\r")
-        try:
-            obj = json.loads(rest.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            return
-        if isinstance(obj, dict):
-            out.append(json.dumps(obj, separators=(",", ":")).encode("utf-8") + b"\n")
 
     # ---------------------------------------------------------------- supervisor
 
@@ -509,6 +616,7 @@ class Runner:
                     self.error = self.error or "the runner failed while wrapping up the command"
                     self._set_manifest(self.manifest or {"files": [], "total_size": 0, "exit_code": self.exit_code})
                     self.state = "exited"
+                    self.last_activity = time.monotonic()  # the retention after the exit starts now
                     self._persist_status()
                     self.cond.notify_all()
 
@@ -563,6 +671,7 @@ class Runner:
             self._set_manifest(manifest)
             self.log_size = max(self.log_size, _file_size(self.log_path))
             self.state = "exited"
+            self.last_activity = time.monotonic()  # the retention after the exit starts now
             self._persist_status()
             self.cond.notify_all()
 
@@ -588,6 +697,7 @@ class Runner:
                 self.error = "cancelled before the command was started"
                 self._set_manifest(self._compute_manifest())
                 self.state = "exited"
+                self.last_activity = time.monotonic()  # the retention after the exit starts now
                 self._persist_status()
                 self.cond.notify_all()
             elif self.state == "running" and self._proc is not None and self._proc.returncode is None:
@@ -768,9 +878,33 @@ class RunnerServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], runner: Runner) -> None:
+    def __init__(self, address: tuple[str, int], runner: Runner, *,
+                 auth_timeout: float = DEFAULT_AUTH_TIMEOUT_S) -> None:
         self.runner = runner
+        self.auth_timeout = auth_timeout
+        # Connections waiting for (or reading) a request head that is not authenticated yet: deadline, socket.
+        self._unauthenticated: dict[int, tuple[float, socket.socket]] = {}
+        self._unauthenticated_lock = threading.Lock()
         super().__init__(address, RunnerHandler)
+
+    def expect_auth(self, key: int, sock: socket.socket) -> None:
+        with self._unauthenticated_lock:
+            self._unauthenticated[key] = (time.monotonic() + self.auth_timeout, sock)
+
+    def authenticated(self, key: int) -> None:
+        with self._unauthenticated_lock:
+            self._unauthenticated.pop(key, None)
+
+    def reap_unauthenticated(self) -> None:
+        """Close the connections whose request head did not authenticate in time (a slow or silent client
+        cannot hold a thread: per-read timeouts alone let a trickle of bytes keep one for ever)."""
+        now = time.monotonic()
+        with self._unauthenticated_lock:
+            expired = [k for k, (deadline, _) in self._unauthenticated.items() if deadline <= now]
+            socks = [self._unauthenticated.pop(k)[1] for k in expired]
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
 
 class RunnerHandler(BaseHTTPRequestHandler):
@@ -785,6 +919,21 @@ class RunnerHandler(BaseHTTPRequestHandler):
         # Headers and body go out in separate writes: without this, Nagle + delayed ACK add ~40 ms per answer.
         with contextlib.suppress(OSError):
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def handle_one_request(self) -> None:
+        # Until its head is in and its token checked, a request gets the short auth timeout (per read, and
+        # in all: the life watchdog closes it at the deadline); then the long one (long-polls, big bodies).
+        self.server.expect_auth(id(self), self.connection)
+        with contextlib.suppress(OSError):
+            self.connection.settimeout(self.server.auth_timeout)
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.authenticated(id(self))
+
+    def finish(self) -> None:
+        self.server.authenticated(id(self))
+        super().finish()
 
     def version_string(self) -> str:
         return self.server_version
@@ -823,8 +972,12 @@ class RunnerHandler(BaseHTTPRequestHandler):
         self._head = method == "HEAD"
         self._headers_sent = False
         if not runner.check_token(self.headers.get("Authorization")):
+            self.close_connection = True  # nothing more from a client without the token
             self._send_error(HTTPError(401, "unauthorized", headers={"WWW-Authenticate": "Bearer"}))
             return
+        self.server.authenticated(id(self))
+        with contextlib.suppress(OSError):
+            self.connection.settimeout(HANDLER_SOCKET_TIMEOUT_S)
         with runner.cond:
             runner.active_requests += 1
             runner.last_activity = time.monotonic()
@@ -832,6 +985,8 @@ class RunnerHandler(BaseHTTPRequestHandler):
             self._route(method)
         except HTTPError as exc:
             self._send_error(exc)
+            if not self._body_consumed:
+                self._linger()
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             self.close_connection = True
         except Exception:
@@ -846,6 +1001,23 @@ class RunnerHandler(BaseHTTPRequestHandler):
                 runner.active_requests -= 1
                 runner.last_activity = time.monotonic()
 
+    def _linger(self) -> None:
+        """After an early answer (413, 507, 409 ...) to a request whose body was not read: read and drop
+        some of it, so the client, still sending, gets to read the answer instead of a connection reset."""
+        deadline = time.monotonic() + LINGER_S
+        left = LINGER_MAX_BYTES
+        with contextlib.suppress(OSError, ValueError):
+            self.connection.shutdown(socket.SHUT_WR)
+            while left > 0:
+                wait = deadline - time.monotonic()
+                if wait <= 0:
+                    break
+                self.connection.settimeout(wait)
+                block = self.connection.recv(min(left, CHUNK))
+                if not block:
+                    break
+                left -= len(block)
+
     def _chunked(self) -> bool:
         return "chunked" in (self.headers.get("Transfer-Encoding") or "").lower()
 
@@ -856,7 +1028,8 @@ class RunnerHandler(BaseHTTPRequestHandler):
         query = urllib.parse.parse_qs(split.query, keep_blank_values=True)
         get = method in ("GET", "HEAD")
         if path == "/v1/health" and get:
-            self._send_json(200, {"ok": True, "version": VERSION, "state": runner.status()["state"]})
+            self._send_json(200, {"ok": True, "version": VERSION, "state": runner.status()["state"],
+                                  "max_upload_bytes": runner.max_upload_bytes})
         elif path == "/v1/status" and get:
             self._send_json(200, runner.status())
         elif path.startswith("/v1/inputs/") and method == "PUT":
@@ -873,7 +1046,7 @@ class RunnerHandler(BaseHTTPRequestHandler):
             body = self._read_json_body(optional=True)
             grace = body.get("grace_s") if isinstance(body, dict) else None
             if grace is not None and (
-                not isinstance(grace, int | float) or isinstance(grace, bool) or not 0 <= grace <= 3600
+                not isinstance(grace, (int, float)) or isinstance(grace, bool) or not 0 <= grace <= 3600
             ):
                 raise HTTPError(400, "grace_s must be a number of seconds from 0 to 3600")
             self._send_json(200, runner.cancel(grace))
@@ -888,7 +1061,7 @@ class RunnerHandler(BaseHTTPRequestHandler):
         elif path == "/v1/shutdown" and method == "POST":
             body = self._read_json_body(optional=True)
             grace = body.get("grace_s") if isinstance(body, dict) else None
-            if grace is not None and (not isinstance(grace, int | float) or isinstance(grace, bool) or grace < 0):
+            if grace is not None and (not isinstance(grace, (int, float)) or isinstance(grace, bool) or grace < 0):
                 grace = None
             status = runner.cancel(grace) if runner.status()["state"] == "running" else runner.status()
             self._send_json(200, {"ok": True, "state": status["state"]})
@@ -1000,6 +1173,15 @@ class RunnerHandler(BaseHTTPRequestHandler):
         if self.headers.get("Content-Length") is None and not self._chunked():
             raise HTTPError(411, "Content-Length is required")
         runner.can_upload()
+        raw_length = self.headers.get("Content-Length")
+        length = int(raw_length) if raw_length is not None and raw_length.strip().isdigit() else None
+        limit = runner.max_upload_bytes
+        if length is not None and length > limit:
+            raise HTTPError(413, f"the input is {length} bytes; this runner takes at most {limit} bytes per input "
+                            "(its --max-upload-bytes)")
+        free = _free_bytes(runner.tmp_dir)
+        if length is not None and free is not None and length > free - DISK_MARGIN_BYTES:
+            raise HTTPError(507, f"not enough disk space for the {length}-byte input: {free} bytes free")
         fd, tmp = tempfile.mkstemp(prefix=".upload-", suffix=".part", dir=runner.tmp_dir)
         ok = False
         try:
@@ -1007,9 +1189,12 @@ class RunnerHandler(BaseHTTPRequestHandler):
             size = 0
             with os.fdopen(fd, "wb") as f:
                 for block in self._iter_body():
+                    size += len(block)
+                    if size > limit:
+                        raise HTTPError(413, f"the input is over {limit} bytes, the most this runner takes per "
+                                        "input (its --max-upload-bytes)")
                     h.update(block)
                     f.write(block)
-                    size += len(block)
                 f.flush()
                 os.fsync(f.fileno())
             digest = h.hexdigest()
@@ -1075,6 +1260,14 @@ class RunnerHandler(BaseHTTPRequestHandler):
             if sent < length:  # the file shrank under us: the client sees a short body
                 self.close_connection = True
 
+def _free_bytes(path: str) -> int | None:
+    try:
+        st = os.statvfs(path)
+    except (OSError, AttributeError):
+        return None
+    return st.f_bavail * st.f_frsize
+
+
 def _int_param(query: dict[str, list[str]], name: str, default: int) -> int:
     values = query.get(name)
     if not values:
@@ -1106,13 +1299,18 @@ def _wait_param(query: dict[str, list[str]]) -> float:
 _shutdown_lock = threading.Lock()
 
 
-def request_shutdown(server: RunnerServer, grace_s: float | None = None) -> None:
-    """Cancel the command if it runs, wait for its process group to be gone, stop serving."""
+def request_shutdown(server: RunnerServer, grace_s: float | None = None, reason: str = EXIT_SHUTDOWN_REQUEST) -> None:
+    """Cancel the command if it runs, wait for its process group to be gone, stop serving.
+
+    The first caller's ``reason`` is the runner's exit reason; later calls do nothing."""
     runner = server.runner
     with _shutdown_lock:
         if runner.shutting_down:
             return
         runner.shutting_down = True
+        with runner.cond:
+            runner.exit_reason = reason
+    _log(f"exiting ({reason})")
     if runner.status()["state"] == "running":
         runner.cancel(grace_s)
         with runner.cond:
@@ -1121,44 +1319,180 @@ def request_shutdown(server: RunnerServer, grace_s: float | None = None) -> None
     server.shutdown()
 
 
-def _idle_watchdog(server: RunnerServer, idle_timeout: float) -> None:
+def life_reason(state: str, idle_for: float, idle_timeout: float | None, retention: float | None) -> str | None:
+    """Why a runner in ``state``, with no authenticated request for ``idle_for`` seconds, must end now (or None).
+
+    Before a start: ``idle_timeout``. While the command runs: never here (its ``max_runtime_s`` ends it, and
+    then the retention runs). After the command exited: ``retention``, counted from the exit or the last
+    request, whichever came later."""
+    if state == "idle" and idle_timeout is not None and idle_for >= idle_timeout:
+        return EXIT_IDLE_BEFORE_START
+    if state == "exited" and retention is not None and idle_for >= retention:
+        return EXIT_RETENTION_EXPIRED
+    return None
+
+
+def _life_watchdog(server: RunnerServer, idle_timeout: float | None, retention: float | None) -> None:
+    """Ends the runner when its life is over, and closes connections that did not authenticate in time."""
     runner = server.runner
-    while True:
-        time.sleep(min(1.0, max(0.05, idle_timeout / 4)))
+    tick = 0.25
+    for limit in (idle_timeout, retention):
+        if limit is not None:
+            tick = min(tick, max(0.02, limit / 4))
+    while not runner.shutting_down:
+        time.sleep(tick)
+        server.reap_unauthenticated()
         with runner.cond:
-            idle = (
-                runner.state == "exited"
-                and runner.active_requests == 0
-                and time.monotonic() - runner.last_activity >= idle_timeout
-            )
-        if idle:
-            _log(f"no request for {idle_timeout:g}s after the command exited: exiting")
-            request_shutdown(server)
+            if runner.active_requests:
+                continue
+            state = runner.state
+            idle_for = time.monotonic() - runner.last_activity
+        reason = life_reason(state, idle_for, idle_timeout, retention)
+        if reason is not None:
+            what = "before any command was started" if reason == EXIT_IDLE_BEFORE_START else "after the command exited"
+            _log(f"no request for {idle_for:.0f}s {what}")
+            request_shutdown(server, reason=reason)
             return
+
+
+def run_on_exit_hook(command: str, reason: str, state_dir: str) -> int | None:
+    """Run the ``--on-exit`` shell command once (a cloud machine destroys itself there); its exit status.
+
+    It gets the runner's environment (less the token) and ``TRAINORCH_EXIT_REASON``, ``TRAINORCH_STATE_DIR``;
+    its output goes to the runner's stderr. The command itself is never logged (it may name a credential
+    file). It runs in a session of its own, so it survives the runner if the machine starts to go down."""
+    env = dict(os.environ)
+    env.pop(TOKEN_ENV, None)
+    env["TRAINORCH_EXIT_REASON"] = reason
+    env["TRAINORCH_STATE_DIR"] = state_dir
+    _log(f"running the --on-exit hook (reason {reason})")
+    try:
+        proc = subprocess.run(command, shell=True, env=env, cwd=state_dir, stdin=subprocess.DEVNULL,
+                              start_new_session=True, timeout=ON_EXIT_TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired:
+        _log(f"the --on-exit hook did not finish within {ON_EXIT_TIMEOUT_S:g}s")
+        return None
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        _log(f"the --on-exit hook could not run: {exc}")
+        return None
+    if proc.returncode != 0:
+        _log(f"the --on-exit hook exited with status {proc.returncode}")
+    return proc.returncode
+
+
+def read_token_file(path: str) -> str:
+    """The token in ``path``, which is deleted. Refused (ValueError) if others may read it or it is a link."""
+    try:
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise ValueError(f"cannot open the token file: {exc.strerror or exc}") from None
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ValueError("the token file is not a regular file")
+            if st.st_mode & 0o077:
+                raise ValueError(f"the token file may be read by others (mode {stat.S_IMODE(st.st_mode):04o}); "
+                                 "it must be 0600")
+            raw = f.read(4097)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    if len(raw) > 4096:
+        raise ValueError("the token file is too large")
+    try:
+        token = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ValueError("the token file is not UTF-8") from None
+    if not token or any(c.isspace() for c in token):
+        raise ValueError("the token file holds no token (one line, no spaces)")
+    return token
+
+
+def write_token_file(directory: str, token: str) -> str:
+    """A new 0600 file in ``directory`` holding ``token``; its path."""
+    fd, path = tempfile.mkstemp(prefix=".runner-token-", dir=directory)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(token + "\n")
+    return path
+
+
+def _reexec_with_token_file(argv: list[str], token: str, state_dir: str) -> None:
+    """Start this runner again (same pid) without the token in its environment: a job may read
+    ``/proc/<runner pid>/environ``, which keeps the environment the process was started with. Returns only
+    if that is not possible (then the caller goes on as it is)."""
+    script = globals().get("__file__")
+    if not sys.executable or not script or not os.path.isfile(script):
+        _log(f"warning: the token came in {TOKEN_ENV} and this runner cannot restart itself without it; "
+             "prefer --token-file")
+        return
+    path = write_token_file(state_dir, token)
+    try:
+        os.execve(sys.executable, [sys.executable, os.path.abspath(script), *argv, "--token-file", path],
+                  dict(os.environ))
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        _log(f"warning: could not restart without {TOKEN_ENV} in the environment ({exc}); prefer --token-file")
 
 
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
-def main(argv: list[str] | None = None) -> int:
+def _positive_or_none(value: float | None) -> float | None:
+    return value if value is not None and value > 0 else None
+
+
+def main(argv: list[str] | None = None, *, reexec: bool = False) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="runner.py", description="trainorch runner: runs one job, serves it over HTTP")
     parser.add_argument("--state-dir", required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--idle-timeout", type=float, default=None, help="exit S seconds after the last request "
-                        "once the command has exited")
+    parser.add_argument("--token-file", default=None,
+                        help="read the bearer token from this file (mode 0600), then delete it")
+    parser.add_argument("--idle-timeout", type=float, default=None,
+                        help="exit after S seconds without an authenticated request before a command was started "
+                        "(and after the command exited, unless --retention is given)")
+    parser.add_argument("--retention", type=float, default=None,
+                        help="after the command exited, keep serving its files until S seconds passed without an "
+                        "authenticated request (counted from the exit at the earliest), then exit")
+    parser.add_argument("--on-exit", default=None, metavar="CMD",
+                        help="shell command run once when the runner ends its own life (idle, retention, shutdown "
+                        "request, error; not on SIGTERM/SIGINT), with TRAINORCH_EXIT_REASON set. argv is public: "
+                        "no secret in CMD")
+    parser.add_argument("--auth-timeout", type=float, default=DEFAULT_AUTH_TIMEOUT_S,
+                        help="close a connection that has not sent a whole authenticated request head in S seconds")
+    parser.add_argument("--max-upload-bytes", type=int, default=DEFAULT_MAX_UPLOAD_BYTES,
+                        help="largest input file accepted (bigger uploads get 413)")
     args = parser.parse_args(argv)
 
-    token = os.environ.pop(TOKEN_ENV, "")
-    if not token.strip():
-        _log(f"refusing to start: set the bearer token in the environment variable {TOKEN_ENV}")
-        return 2
-
     state_dir = os.path.abspath(args.state_dir)
-    os.makedirs(state_dir, exist_ok=True)
+    env_token = os.environ.pop(TOKEN_ENV, None)  # never passed on, whichever way the token came
+    if args.token_file:
+        try:
+            token = read_token_file(args.token_file)
+        except ValueError as exc:
+            _log(f"refusing to start: {exc}")
+            return 2
+        if env_token is not None:
+            _log(f"warning: {TOKEN_ENV} is set as well as --token-file: ignored, but a job can read it in "
+                 "/proc/<runner pid>/environ; do not set it")
+    else:
+        token = (env_token or "").strip()
+        if not token:
+            _log(f"refusing to start: give the bearer token with --token-file PATH (a 0600 file the runner "
+                 f"deletes) or in the environment variable {TOKEN_ENV}")
+            return 2
+        if reexec:
+            _private_dir(state_dir)
+            _reexec_with_token_file(argv, token, state_dir)
+
+    _private_dir(state_dir)
     # One runner per state dir: a second one would take the first one's job for dead and kill it.
-    lock_fd = os.open(os.path.join(state_dir, "runner.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    lock_fd = _open_private(os.path.join(state_dir, "runner.lock"), os.O_RDWR)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -1169,7 +1503,9 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(info_path)  # never let a reader find the previous runner's address
 
-    runner = Runner(state_dir, token.strip())
+    idle_timeout = _positive_or_none(args.idle_timeout)
+    retention = _positive_or_none(args.retention) if args.retention is not None else idle_timeout
+    runner = Runner(state_dir, token, max_upload_bytes=max(0, args.max_upload_bytes))
     server_cls: type[RunnerServer] = RunnerServer
     if ":" in args.host:
 
@@ -1177,7 +1513,7 @@ def main(argv: list[str] | None = None) -> int:
             address_family = socket.AF_INET6
 
         server_cls = _Server6
-    server = server_cls((args.host, args.port), runner)
+    server = server_cls((args.host, args.port), runner, auth_timeout=max(0.1, args.auth_timeout))
     host, port = server.server_address[0], server.server_address[1]
     url = f"http://{_url_host(args.host if args.host not in ('', '0.0.0.0', '::') else str(host))}:{port}"
     _atomic_write_json(info_path, {"pid": os.getpid(), "host": args.host, "port": port, "url": url})
@@ -1186,21 +1522,31 @@ def main(argv: list[str] | None = None) -> int:
         # A runner told to stop cancels its command with a short grace and exits once the group is gone.
         with runner.cond:
             grace = min(runner._grace_s, SIGNAL_GRACE_S)
-        threading.Thread(target=request_shutdown, args=(server, grace), daemon=True).start()
+        threading.Thread(target=request_shutdown, args=(server, grace, EXIT_SIGNAL), daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    if args.idle_timeout is not None and args.idle_timeout > 0:
-        threading.Thread(target=_idle_watchdog, args=(server, args.idle_timeout), daemon=True).start()
+    threading.Thread(target=_life_watchdog, args=(server, idle_timeout, retention), name="runner-life",
+                     daemon=True).start()
     _log(f"listening on {url} (state dir {state_dir})")
     try:
         server.serve_forever(poll_interval=0.1)
+    except BaseException:
+        _log("the server failed:\n" + traceback.format_exc())
+        with runner.cond:
+            runner.exit_reason = runner.exit_reason or EXIT_ERROR
     finally:
         server.server_close()
         with contextlib.suppress(OSError):
             os.unlink(info_path)
-    return 0
+    with runner.cond:
+        reason = runner.exit_reason = runner.exit_reason or EXIT_ERROR
+        runner._persist_status()
+    _log(f"exited: {reason}")
+    if args.on_exit and reason in ON_EXIT_REASONS:
+        run_on_exit_hook(args.on_exit, reason, state_dir)
+    return 1 if reason == EXIT_ERROR else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(reexec=True))

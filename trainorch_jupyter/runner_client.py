@@ -4,6 +4,10 @@ The bearer token only ever travels in the ``Authorization`` header: it is never 
 record, a ``repr`` or an exception message. Idempotent calls (GETs, cancel, the PUT of an input) retry
 transient failures (connection errors, timeouts, 5xx) a few times with a short exponential backoff;
 every failure ends as :class:`~trainorch_jupyter.model.RunnerError`.
+
+A runner's answers are not trusted: every body is read up to a bound that fits its kind (an answer over
+it is refused, never buffered whole), offsets must move forward by what was sent, and a manifest must be
+of a sane size.
 """
 
 from __future__ import annotations
@@ -34,6 +38,16 @@ UPLOAD_CHUNK = 1 << 20
 MAX_SERVER_WAIT_S = 25.0  # the runner caps long-polls here
 LONG_POLL_MARGIN_S = 15.0
 
+# Bounds on what a runner may answer (bytes of body unless said otherwise).
+JSON_BODY_LIMIT = 1 << 20  # health, status, start, cancel, upload answers
+ERROR_BODY_LIMIT = 64 << 10  # an error answer is read this far (its message is cut to 500 characters anyway)
+DEFAULT_LOG_LIMIT = 1 << 20  # what the runner sends when no limit is asked
+MAX_LOG_LIMIT = 16 << 20  # the runner's own cap on a log read
+METRICS_BODY_LIMIT = 4 << 20  # the runner sends at most 1 MiB of metrics lines per answer
+MANIFEST_BODY_LIMIT = 64 << 20
+MAX_MANIFEST_FILES = 100_000
+MAX_MANIFEST_TOTAL_BYTES = 16 << 40  # 16 TiB: more than any training machine's disk
+
 
 @dataclass(frozen=True)
 class LogChunk:
@@ -60,6 +74,10 @@ class RunnerHTTPError(RunnerError):
         super().__init__(f"runner {method} {path}: HTTP {status}: {error}")
 
 
+class RunnerAnswerTooLarge(RunnerError):
+    """The runner's answer was larger than this kind of answer may be."""
+
+
 class _Transient(Exception):
     """A 5xx answer worth retrying (internal: becomes RunnerHTTPError when retries run out)."""
 
@@ -82,6 +100,23 @@ def _error_text(response: httpx.Response) -> str:
     else:
         text = response.text.strip() or response.reason_phrase
     return text[:500]
+
+
+async def _read_bounded(response: httpx.Response, limit: int, what: str, *, truncate: bool = False) -> bytes:
+    """The body of a streamed ``response``, at most ``limit`` bytes: RunnerAnswerTooLarge beyond (or, with
+    ``truncate``, the first ``limit`` bytes)."""
+    declared = response.headers.get("Content-Length", "").strip()
+    if not truncate and declared.isdigit() and int(declared) > limit:
+        raise RunnerAnswerTooLarge(f"runner {what}: the answer is {int(declared)} bytes, more than the {limit} "
+                                   "bytes this answer may be")
+    buf = bytearray()
+    async for block in response.aiter_bytes():
+        buf += block
+        if len(buf) > limit:
+            if truncate:
+                return bytes(buf[:limit])
+            raise RunnerAnswerTooLarge(f"runner {what}: the answer is more than the {limit} bytes this answer may be")
+    return bytes(buf)
 
 
 def _sha256_file(path: Path) -> tuple[str, int]:
@@ -129,8 +164,11 @@ class RunnerClient:
     async def _send(self, method: str, path: str, *, params: dict[str, Any] | None = None,
                     json_body: Any = None, content: Any = None, headers: dict[str, str] | None = None,
                     read_timeout: float | None = None, timeout: httpx.Timeout | None = None,
-                    ok_statuses: tuple[int, ...] = ()) -> httpx.Response:
-        """One request; 5xx raises _Transient, other non-2xx RunnerHTTPError, transport errors pass through."""
+                    ok_statuses: tuple[int, ...] = (), max_body: int = JSON_BODY_LIMIT) -> httpx.Response:
+        """One request; 5xx raises _Transient, other non-2xx RunnerHTTPError, transport errors pass through.
+
+        The answer's body is read up to ``max_body`` bytes (RunnerAnswerTooLarge beyond); the response
+        returned holds it, read."""
         all_headers = self.auth_headers()
         if headers:
             all_headers.update(headers)
@@ -139,8 +177,20 @@ class RunnerClient:
             kwargs["json"] = json_body
         if content is not None:
             kwargs["content"] = content
-        response = await self._http.request(method, self.base_url + path, **kwargs)
-        if response.is_success or response.status_code in ok_statuses:
+        request = self._http.build_request(method, self.base_url + path, **kwargs)
+        streamed = await self._http.send(request, stream=True)
+        ok = streamed.is_success or streamed.status_code in ok_statuses
+        try:
+            if ok:
+                body = await _read_bounded(streamed, max_body, f"{method} {path}")
+            else:
+                body = await _read_bounded(streamed, ERROR_BODY_LIMIT, f"{method} {path}", truncate=True)
+        finally:
+            await streamed.aclose()
+        answer_headers = httpx.Headers(streamed.headers)
+        answer_headers.pop("Content-Encoding", None)  # the body kept here is already decoded
+        response = httpx.Response(streamed.status_code, headers=answer_headers, content=body, request=request)
+        if ok:
             return response
         error = RunnerHTTPError(method, path, response.status_code, _error_text(response))
         if response.status_code >= 500:
@@ -186,8 +236,16 @@ class RunnerClient:
 
     # ------------------------------------------------------------------ API
 
+    @classmethod
+    def _json_object(cls, response: httpx.Response) -> dict[str, Any]:
+        body = cls._json(response)
+        if not isinstance(body, dict):
+            raise RunnerError(f"runner answered {response.request.method} {response.request.url.path} "
+                              f"with JSON that is not an object")
+        return body
+
     async def health(self) -> dict[str, Any]:
-        return self._json(await self._call("GET", "/v1/health", retry=True))
+        return self._json_object(await self._call("GET", "/v1/health", retry=True))
 
     async def wait_ready(self, timeout: float, interval: float = 0.2) -> dict[str, Any]:
         """Poll health until the runner answers ok; RunnerError after ``timeout`` seconds (at once on 4xx)."""
@@ -218,6 +276,12 @@ class RunnerClient:
             raise RunnerError(f"input name {name!r} is not one plain file name")
         path = Path(path)
         digest, size = await asyncio.to_thread(_sha256_file, path)
+        # A runner refuses an input over its cap with 413, but a client still sending a big body may only
+        # see the connection reset: ask first (a runner that does not say is not checked here).
+        limit = (await self.health()).get("max_upload_bytes")
+        if isinstance(limit, int) and not isinstance(limit, bool) and size > limit:
+            raise RunnerHTTPError("PUT", f"/v1/inputs/{name}", 413,
+                                  f"the input is {size} bytes; this runner takes at most {limit} bytes per input")
 
         async def body() -> AsyncIterator[bytes]:
             f = await asyncio.to_thread(open, path, "rb")
@@ -236,49 +300,86 @@ class RunnerClient:
                                     headers={"X-Sha256": digest, "Content-Length": str(size),
                                              "Content-Type": "application/octet-stream"})
 
-        return self._json(await self._run("PUT", f"/v1/inputs/{name}", once, retry=True))
+        return self._json_object(await self._run("PUT", f"/v1/inputs/{name}", once, retry=True))
 
     async def start(self, command: list[str], *, env: dict[str, str] | None = None,
                     max_runtime_s: float | None = None, grace_s: float = 10.0, cwd: str | None = None) -> dict[str, Any]:
         body = {"command": list(command), "env": dict(env or {}), "cwd": cwd, "max_runtime_s": max_runtime_s,
                 "grace_s": grace_s}
-        return self._json(await self._call("POST", "/v1/start", retry=False, json_body=body))
+        return self._json_object(await self._call("POST", "/v1/start", retry=False, json_body=body))
 
     async def status(self) -> dict[str, Any]:
-        return self._json(await self._call("GET", "/v1/status", retry=True))
+        return self._json_object(await self._call("GET", "/v1/status", retry=True))
 
     async def read_logs(self, offset: int, *, wait: float = 20.0, limit: int | None = None) -> LogChunk:
         params: dict[str, Any] = {"offset": offset, "wait": wait}
         if limit is not None:
             params["limit"] = limit
-        response = await self._call("GET", "/v1/logs", retry=True, params=params,
+        cap = DEFAULT_LOG_LIMIT if limit is None else max(1, min(limit, MAX_LOG_LIMIT))
+        response = await self._call("GET", "/v1/logs", retry=True, params=params, max_body=cap,
                                     read_timeout=min(wait, MAX_SERVER_WAIT_S) + LONG_POLL_MARGIN_S)
-        try:
-            next_offset = int(response.headers["X-Next-Offset"])
-        except (KeyError, ValueError):
-            raise RunnerError("runner GET /v1/logs: the answer has no valid X-Next-Offset header") from None
-        return LogChunk(data=response.content, next_offset=next_offset,
-                        complete=response.headers.get("X-Log-Complete") == "1")
+        raw = response.headers.get("X-Next-Offset", "").strip()
+        if not raw.isdigit():
+            raise RunnerError("runner GET /v1/logs: the answer has no valid X-Next-Offset header")
+        next_offset = int(raw)
+        data = response.content
+        if next_offset != offset + len(data):
+            raise RunnerError(f"runner GET /v1/logs: X-Next-Offset {next_offset} does not follow from offset "
+                              f"{offset} and the {len(data)} bytes sent")
+        return LogChunk(data=data, next_offset=next_offset, complete=response.headers.get("X-Log-Complete") == "1")
 
     async def read_metrics(self, offset: int, *, wait: float = 20.0) -> MetricsChunk:
         response = await self._call("GET", "/v1/metrics", retry=True, params={"offset": offset, "wait": wait},
+                                    max_body=METRICS_BODY_LIMIT,
                                     read_timeout=min(wait, MAX_SERVER_WAIT_S) + LONG_POLL_MARGIN_S)
         body = self._json(response)
         if not isinstance(body, dict) or not isinstance(body.get("metrics"), list):
             raise RunnerError("runner GET /v1/metrics: unexpected answer")
-        return MetricsChunk(metrics=[m for m in body["metrics"] if isinstance(m, dict)],
-                            next_offset=int(body["next_offset"]), complete=bool(body.get("complete")))
+        metrics = body["metrics"]
+        next_offset = body.get("next_offset")
+        if not isinstance(next_offset, int) or isinstance(next_offset, bool):
+            raise RunnerError("runner GET /v1/metrics: the answer has no valid next_offset")
+        # next_offset counts bytes of the runner's metrics.jsonl, which holds each metric as the compact
+        # JSON sent here plus a newline: an answer with metrics moves forward, by no more than it sent.
+        if next_offset < offset or (metrics and not offset < next_offset <= offset + len(response.content)):
+            raise RunnerError(f"runner GET /v1/metrics: next_offset {next_offset} does not follow from offset "
+                              f"{offset} and the {len(metrics)} metrics sent")
+        return MetricsChunk(metrics=[m for m in metrics if isinstance(m, dict)], next_offset=next_offset,
+                            complete=bool(body.get("complete")))
 
     async def cancel(self, grace_s: float | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {} if grace_s is None else {"grace_s": grace_s}
-        return self._json(await self._call("POST", "/v1/cancel", retry=True, json_body=body))
+        return self._json_object(await self._call("POST", "/v1/cancel", retry=True, json_body=body))
 
     async def manifest(self) -> dict[str, Any] | None:
-        """The output manifest, or None while the command still runs."""
-        response = await self._call("GET", "/v1/manifest", retry=True, ok_statuses=(409,))
+        """The output manifest, or None while the command still runs. A manifest of more than
+        MAX_MANIFEST_FILES files or MAX_MANIFEST_TOTAL_BYTES in all, or whose sizes are not counts that add
+        up to its ``total_size``, is refused."""
+        response = await self._call("GET", "/v1/manifest", retry=True, ok_statuses=(409,),
+                                    max_body=MANIFEST_BODY_LIMIT)
         if response.status_code == 409:
             return None
-        return self._json(response)
+        manifest = self._json_object(response)
+        files = manifest.get("files")
+        if not isinstance(files, list):
+            raise RunnerError("runner GET /v1/manifest: the answer has no 'files' list")
+        if len(files) > MAX_MANIFEST_FILES:
+            raise RunnerError(f"runner GET /v1/manifest: {len(files)} files, more than the {MAX_MANIFEST_FILES} "
+                              "a job's output may have")
+        total = 0
+        for i, entry in enumerate(files):
+            size = entry.get("size") if isinstance(entry, dict) else None
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise RunnerError(f"runner GET /v1/manifest: file entry {i} has no valid size")
+            total += size
+        if total > MAX_MANIFEST_TOTAL_BYTES:
+            raise RunnerError(f"runner GET /v1/manifest: {total} bytes in all, more than the "
+                              f"{MAX_MANIFEST_TOTAL_BYTES} a job's output may have")
+        declared = manifest.get("total_size", total)
+        if declared != total or isinstance(declared, bool):
+            raise RunnerError(f"runner GET /v1/manifest: total_size {declared!r} is not the sum of the file "
+                              f"sizes ({total})")
+        return manifest
 
     async def shutdown(self) -> None:
         await self._call("POST", "/v1/shutdown", retry=False, json_body={})

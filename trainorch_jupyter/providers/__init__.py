@@ -23,17 +23,35 @@ ENTRY_POINT_GROUP = "trainorch_jupyter.providers"
 
 @dataclass
 class Bootstrap:
-    """What a machine needs to start the runner for one job."""
+    """What a machine needs to start the runner for one job.
+
+    The runner's life is bounded in every state (``docs/PROTOCOL.md`` section 2, "The runner's life"):
+    ``idle_timeout_s`` before a command is started, the job's max runtime while it runs, ``retention_s``
+    after it exited. ``on_exit`` is the dead-man hook: a shell command the runner runs once when it ends its
+    own life (a cloud machine destroys itself there). :meth:`runner_args` turns these into the runner's flags.
+    The token goes to the runner in a 0600 file (``--token-file``), never in its environment or argv.
+    """
 
     job_id: str
     token: str  # the runner's per-job bearer token (a secret: never logged or stored in a Job)
     runner_source: str  # the runner's own source, to ship inline to a bare image
     port: int = 8765
-    idle_timeout_s: float = 1800.0
+    idle_timeout_s: float = 1800.0  # no authenticated request this long before a start: the runner exits
     packages: list[str] = field(default_factory=list)  # pip requirements the command needs
+    retention_s: float = 1800.0  # after the command exited: files served until this long without a request
+    on_exit: str | None = None  # shell command run once when the runner ends its own life (argv: no secret in it)
 
-    def __repr__(self) -> str:  # keep the token out of any repr
-        return f"Bootstrap(job_id={self.job_id!r}, port={self.port}, packages={self.packages!r})"
+    def runner_args(self) -> list[str]:
+        """The runner's life flags: ``--idle-timeout``, ``--retention`` and (if set) ``--on-exit``."""
+        args = ["--idle-timeout", f"{self.idle_timeout_s:g}", "--retention", f"{self.retention_s:g}"]
+        if self.on_exit:
+            args += ["--on-exit", self.on_exit]
+        return args
+
+    def __repr__(self) -> str:  # keep the token (and the hook, which may name a credential file) out of any repr
+        return (f"Bootstrap(job_id={self.job_id!r}, port={self.port}, packages={self.packages!r}, "
+                f"idle_timeout_s={self.idle_timeout_s:g}, retention_s={self.retention_s:g}, "
+                f"on_exit={'set' if self.on_exit else None})")
 
 
 @dataclass

@@ -1,13 +1,19 @@
 """The local provider: the runner as a subprocess on 127.0.0.1 of this machine.
 
 The runner is started in its own session, so a kernel interrupt or restart does not kill it and a new
-kernel re-attaches to it. Its state dir lives in the workspace (``.trainorch/machines/<job_id>``), so a
+kernel re-attaches to it. Its state dir lives in the workspace (``.trainorch/machines/<job_id>``, 0700), so a
 finished job's files can be served again later by starting a runner on the same dir.
+
+The runner gets the kernel's environment less anything that looks secret (:mod:`trainorch_jupyter._env`), and
+its token in a 0600 file that it reads and deletes (``--token-file``): neither the job's environment nor
+``/proc/<runner pid>/environ`` holds it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import json
 import os
 import signal
@@ -17,8 +23,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .._env import runner_environment
 from .._process import pid_alive
-from ..model import SECRET_ENV_KEYS, Job, JobSpec, ProviderError, SpecError
+from ..model import Job, JobSpec, ProviderError, SpecError
+from ..runner import write_token_file
 from . import Bootstrap, MachineHandle, MachineStatus, PollResult, Provider
 
 RUNNER_FILE = Path(__file__).resolve().parent.parent / "runner.py"
@@ -57,48 +65,61 @@ class LocalProvider(Provider):
 
     async def launch(self, job: Job, bootstrap: Bootstrap) -> MachineHandle:
         state_dir = self.state_dir(job.id)
-        return await self._start_runner(state_dir, bootstrap.token, bootstrap.idle_timeout_s)
+        return await self._start_runner(state_dir, bootstrap.token, bootstrap.runner_args())
 
     async def serve_again(self, job: Job, token: str, idle_timeout_s: float = 600.0) -> MachineHandle | None:
-        """Start a runner on a finished job's state dir (to download its files); None if the dir is gone."""
+        """Start a runner on a finished job's state dir (to download its files); None if the dir is gone.
+        It exits ``idle_timeout_s`` after the last request (its retention)."""
         state_dir = self.state_dir(job.id)
         if not (state_dir / "status.json").exists():
             return None
-        return await self._start_runner(state_dir, token, idle_timeout_s)
+        return await self._start_runner(state_dir, token, ["--idle-timeout", f"{idle_timeout_s:g}",
+                                                           "--retention", f"{idle_timeout_s:g}"])
 
-    async def _start_runner(self, state_dir: Path, token: str, idle_timeout_s: float) -> MachineHandle:
-        state_dir.mkdir(parents=True, exist_ok=True)
+    async def _start_runner(self, state_dir: Path, token: str, life_args: list[str]) -> MachineHandle:
+        _private_dirs(self.workspace, state_dir)
         info_path = state_dir / "runner.json"
         info_path.unlink(missing_ok=True)
-        env = dict(os.environ)
-        for key in (*SECRET_ENV_KEYS, "TRAINORCH_WEBHOOK_URL"):
-            env.pop(key, None)  # the job never sees the user's provider keys or notification URL
-        env["TRAINORCH_RUNNER_TOKEN"] = token
+        # Nothing secret of the kernel's environment reaches the runner (hence the job); the token goes in a
+        # 0600 file that the runner deletes once read.
+        env = runner_environment(os.environ)
+        token_file = write_token_file(str(state_dir), token)
         cmd = [sys.executable, str(RUNNER_FILE), "--state-dir", str(state_dir), "--host", "127.0.0.1",
-               "--port", "0", "--idle-timeout", str(idle_timeout_s)]
-        with open(state_dir / "runner.out", "ab") as out:
-            proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True, close_fds=True)
-        self._procs[str(proc.pid)] = proc
-        deadline = time.monotonic() + self.provision_timeout_s
-        while True:
-            if info_path.exists():
-                try:
-                    info = json.loads(info_path.read_text())
-                    if int(info["pid"]) == proc.pid:
-                        break
-                except (ValueError, KeyError, OSError):
-                    pass
-            if proc.poll() is not None:
-                tail = (state_dir / "runner.out").read_bytes()[-2000:].decode(errors="replace")
-                raise ProviderError(self.name, f"the runner exited at start with code {proc.returncode}: {tail.strip()}")
-            if time.monotonic() > deadline:
-                await self._kill(proc.pid, state_dir)
-                raise ProviderError(self.name, f"the runner did not start within {self.provision_timeout_s:.0f}s",
-                                    retryable=True)
-            await asyncio.sleep(0.05)
+               "--port", "0", "--token-file", token_file, *life_args]
+        gpu_task: asyncio.Future[str | None] | None = None
+        try:
+            out_fd = os.open(state_dir / "runner.out", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            with os.fdopen(out_fd, "ab") as out:
+                proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                        stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+            self._procs[str(proc.pid)] = proc
+            gpu_task = asyncio.ensure_future(asyncio.to_thread(_local_gpu))  # nvidia-smi: off the loop
+            deadline = time.monotonic() + self.provision_timeout_s
+            while True:
+                if info_path.exists():
+                    try:
+                        info = json.loads(info_path.read_text())
+                        if int(info["pid"]) == proc.pid:
+                            break
+                    except (ValueError, KeyError, OSError):
+                        pass
+                if proc.poll() is not None:
+                    tail = (state_dir / "runner.out").read_bytes()[-2000:].decode(errors="replace")
+                    raise ProviderError(self.name,
+                                        f"the runner exited at start with code {proc.returncode}: {tail.strip()}")
+                if time.monotonic() > deadline:
+                    await self._kill(proc.pid, state_dir)
+                    raise ProviderError(self.name, f"the runner did not start within {self.provision_timeout_s:.0f}s",
+                                        retryable=True)
+                await asyncio.sleep(0.05)
+            gpu = await gpu_task
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(token_file)  # the runner deleted it, unless it never got that far
+            if gpu_task is not None and not gpu_task.done():
+                gpu_task.cancel()
         return MachineHandle(provider=self.name, machine_id=str(proc.pid), runner_url=str(info["url"]),
-                             data={"pid": proc.pid, "state_dir": str(state_dir)}, price_per_hour=0.0, gpu=_local_gpu())
+                             data={"pid": proc.pid, "state_dir": str(state_dir)}, price_per_hour=0.0, gpu=gpu)
 
     async def poll(self, handle: MachineHandle) -> PollResult:
         pid = int(handle.data.get("pid", handle.machine_id))
@@ -162,8 +183,26 @@ def _kill_command_group(state_dir: Path) -> None:
             pass
 
 
+def _private_dirs(workspace: Path, state_dir: Path) -> None:
+    """Make the state dir (and what is missing of ``.trainorch/machines`` above it) 0700."""
+    missing = []
+    d = state_dir
+    while not d.exists() and d != workspace and d != d.parent:
+        missing.append(d)
+        d = d.parent
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            d.mkdir(mode=0o700)
+    with contextlib.suppress(OSError):
+        state_dir.chmod(0o700)
+
+
+@functools.cache
 def _local_gpu() -> str | None:
-    """A CUDA device name if one is visible to this process, without importing torch."""
+    """A CUDA device name if one is visible to this process, without importing torch.
+
+    Runs ``nvidia-smi`` (up to 5 s): call it off the event loop. Cached for the process (the GPUs a machine
+    has do not change under a kernel)."""
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
                              text=True, timeout=5)
