@@ -220,3 +220,50 @@ exit 1
         assert calls.read_text().count("call") == 1  # cached for the process
     finally:
         local_mod._local_gpu.cache_clear()
+
+
+def _runners_of(state_dir: Path) -> list[int]:
+    """Pids of live processes whose command line names ``state_dir`` (a runner of it)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_bytes()
+        except OSError:
+            continue
+        if str(state_dir).encode() in cmdline and state[state.rfind(b")") + 2:][:1] not in (b"Z", b"X"):
+            out.append(int(entry.name))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self").exists(), reason="needs /proc")
+def test_a_launch_interrupted_before_the_runner_answers_leaves_no_process(tmp_path: Path) -> None:
+    """A cancel (or the orchestrator closing) during the create: the started runner is not known to anyone
+    yet (it has not written runner.json), so the launch itself must stop it."""
+    job = make_job("interrupted")
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient() as http:
+            provider = LocalProvider(workspace=tmp_path, http=http)
+            task = asyncio.create_task(provider.launch(job, Bootstrap(job_id=job.id, token="t" * 32,
+                                                                      runner_source="")))
+            state_dir = provider.state_dir(job.id)
+            deadline = time.monotonic() + 10
+            # The runner has read (and deleted) its token file: it runs and will serve.
+            while time.monotonic() < deadline and not (
+                    _runners_of(state_dir) and not list(state_dir.glob(".runner-token-*"))):
+                await asyncio.sleep(0.002)
+            assert _runners_of(state_dir), "the runner never started"
+            assert not task.done()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    run(scenario())
+    state_dir = tmp_path / ".trainorch" / "machines" / job.id
+    deadline = time.monotonic() + 10
+    while _runners_of(state_dir) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _runners_of(state_dir) == []

@@ -87,6 +87,8 @@ class LocalProvider(Provider):
         cmd = [sys.executable, str(RUNNER_FILE), "--state-dir", str(state_dir), "--host", "127.0.0.1",
                "--port", "0", "--token-file", token_file, *life_args]
         gpu_task: asyncio.Future[str | None] | None = None
+        proc: subprocess.Popen[bytes] | None = None
+        ready = False
         try:
             out_fd = os.open(state_dir / "runner.out", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             with os.fdopen(out_fd, "ab") as out:
@@ -113,7 +115,13 @@ class LocalProvider(Provider):
                                         retryable=True)
                 await asyncio.sleep(0.05)
             gpu = await gpu_task
+            ready = True
         finally:
+            if proc is not None and not ready and proc.poll() is None:
+                # Interrupted (a cancel, the orchestrator closing) or failed before the runner said where it
+                # listens: nothing else knows this process, so it goes now.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._kill(proc.pid, state_dir, grace_s=2.0))
             with contextlib.suppress(OSError):
                 os.unlink(token_file)  # the runner deleted it, unless it never got that far
             if gpu_task is not None and not gpu_task.done():
