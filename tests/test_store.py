@@ -181,3 +181,13 @@ def test_many_kernels_opening_a_new_workspace_at_once(tmp_path: Path) -> None:
             p.join(120)
         assert [p.exitcode for p in procs] == [0] * 8, f"round {round_}"
         assert len(Store(ws).list_jobs()) == 8
+
+
+def test_workspace_id_is_made_once_and_shared(tmp_path: Path) -> None:
+    a, b = Store(tmp_path), Store(tmp_path)
+    wid = a.workspace_id()
+    assert len(wid) == 8 and int(wid, 16) >= 0
+    assert b.workspace_id() == wid == a.workspace_id()
+    assert Store(tmp_path / "other").workspace_id() != wid
+    a.close()
+    b.close()

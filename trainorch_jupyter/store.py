@@ -222,6 +222,16 @@ class Store:
         with self._lock:
             self._conn.close()
 
+    def workspace_id(self) -> str:
+        """A short random id of this workspace, made once: cloud machines are tagged with it (and the job id)
+        so that ``cleanup`` can tell this workspace's machines from others'."""
+        rows = self._query("SELECT value FROM meta WHERE key = 'workspace_id'")
+        if rows:
+            return str(rows[0]["value"])
+        with self._tx() as c:
+            c.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('workspace_id', ?)", (os.urandom(4).hex(),))
+            return str(c.execute("SELECT value FROM meta WHERE key = 'workspace_id'").fetchone()["value"])
+
     # -- jobs ---------------------------------------------------------------------------------
 
     def create(self, job: Job, *, runner_token: str | None = None, owner: str | None = None,
