@@ -282,7 +282,7 @@ class RecordingLocal(LocalProvider):
 
 def test_saving_the_handle_fails_and_the_machine_is_still_destroyed(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(orch_mod, "STORE_RETRY_S", 0.5)
+    monkeypatch.setattr(orch_mod.settings, "STORE_RETRY_S", 0.5)
     RecordingLocal.launched = []
     with orchestrator(tmp_path, providers={"local": RecordingLocal}) as orch:
         real_save = orch.store.save
@@ -345,7 +345,7 @@ class StuckTerminate(LocalProvider):
 
 def test_a_terminate_that_keeps_failing_is_retried_after_a_restart(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(orch_mod, "TERMINATE_GIVE_UP_S", 1.0)
+    monkeypatch.setattr(orch_mod.settings, "TERMINATE_GIVE_UP_S", 1.0)
     StuckTerminate.failures_left = 10**6
     with orchestrator(tmp_path, providers={"local": StuckTerminate}) as orch:
         job = orch.submit({"name": "stuck", "command": py_command("print('hi')")})
@@ -571,7 +571,7 @@ def test_a_failed_store_write_does_not_fail_a_healthy_job(tmp_path: Path, monkey
 
 
 def test_a_failure_while_ending_a_job_does_not_leave_it_live(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(orch_mod, "STORE_RETRY_S", 0.3)
+    monkeypatch.setattr(orch_mod.settings, "STORE_RETRY_S", 0.3)
     with orchestrator(tmp_path) as orch:
         real = orch.store.save
         failures = {"n": 6}
