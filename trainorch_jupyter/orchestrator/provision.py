@@ -75,12 +75,9 @@ class ProvisionStage(OrchestratorBase):
     def _bootstrap(self, job: Job, token: str) -> Bootstrap:
         """What the machine needs to run the runner for ``job``; the runner's life is bounded in every state
         (idle before the start, the max runtime while running, a retention time after the command exits)."""
-        bootstrap = Bootstrap(job_id=job.id, token=token, runner_source=_runner_source(),
-                              idle_timeout_s=settings.RUNNER_IDLE_S,
-                              packages=["trainorch-jupyter[train]"] if job.spec.train is not None else [])
-        if hasattr(bootstrap, "retention_s"):
-            bootstrap.retention_s = settings.RUNNER_RETENTION_S
-        return bootstrap
+        return Bootstrap(job_id=job.id, token=token, runner_source=_runner_source(),
+                         idle_timeout_s=settings.RUNNER_IDLE_S, retention_s=settings.RUNNER_RETENTION_S,
+                         packages=["trainorch-jupyter[train]"] if job.spec.train is not None else [])
 
     async def _reconcile(self, job: Job, provider: Provider) -> None:
         """Destroy whatever machine a create for ``job`` may have made; on failure leave it to the reaper."""
