@@ -13,9 +13,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from trainorch_jupyter._process import pid_alive
+from trainorch_jupyter.model import Job
 from trainorch_jupyter.orchestrator import Orchestrator
 
-__all__ = ["PY", "CuttingProxy", "orchestrator", "pid_alive", "py_command", "wait_for"]
+__all__ = ["PY", "CuttingProxy", "orchestrator", "pid_alive", "py_command", "runner_pid", "wait_for"]
 
 PY = sys.executable
 
@@ -113,3 +114,12 @@ def orchestrator(workspace: Path, **kwargs: object) -> Iterator[Orchestrator]:
 
 def py_command(code: str) -> list[str]:
     return [PY, "-c", code]
+
+
+def runner_pid(job: Job) -> int:
+    """The local runner's pid of a job that was launched; fails (never 0 or None) when it has none, so that
+    ``not pid_alive(runner_pid(job))`` cannot pass for a job whose machine was never recorded."""
+    assert job.machine_id is not None, f"job {job.id} records no machine"
+    assert job.machine_id.isdigit() and int(job.machine_id) > 1, f"not a runner pid: {job.machine_id!r}"
+    assert job.machine.get("pid") == int(job.machine_id), job.machine
+    return int(job.machine_id)

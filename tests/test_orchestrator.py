@@ -17,7 +17,7 @@ from trainorch_jupyter.providers import MachineHandle
 from trainorch_jupyter.providers.local import LocalProvider
 from trainorch_jupyter.store import Store
 
-from .helpers import CuttingProxy, orchestrator, pid_alive, py_command, wait_for
+from .helpers import CuttingProxy, orchestrator, pid_alive, py_command, runner_pid, wait_for
 
 LINES_AND_FILES = r"""
 import os, sys
@@ -29,12 +29,34 @@ for i in range(20000):
 os.makedirs(out + "/sub", exist_ok=True)
 open(out + "/adapter.bin", "wb").write(bytes(range(256)) * 4096)
 open(out + "/sub/notes.txt", "w").write("done\n")
+sys.stdout.flush()  # stdout and stderr share the runner's pipe: this fixes their order
 print("stderr line", file=sys.stderr)
 """
 
 
-def _lines(text: str) -> list[str]:
-    return [ln for ln in text.splitlines() if ln.startswith("line ")]
+def _lines_and_files_output() -> bytes:
+    """Every byte LINES_AND_FILES writes (stdout and stderr, in order): the whole log, metric lines included."""
+    out = []
+    for i in range(20000):
+        out.append(f"line {i:05d} " + "x" * 40 + "\n")
+        if i % 5000 == 0:
+            out.append(f'TRAINORCH_METRIC {{"step": {i}, "total_steps": 20000, "loss": {1.0 / (i + 1)}}}\n')
+    out.append("stderr line\n")
+    return "".join(out).encode()
+
+
+def _numbered(n: int) -> bytes:
+    return "".join(f"line {i:05d}\n" for i in range(n)).encode()
+
+
+def _assert_log(job: Any, expected: bytes) -> None:
+    """The job's whole log, byte for byte, as the store keeps it and as ``logs()`` gives it."""
+    data = job.log_path.read_bytes()
+    if data != expected:  # say where, not 1 MB of diff
+        at = next((i for i, (a, b) in enumerate(zip(data, expected, strict=False)) if a != b), min(len(data), len(expected)))
+        raise AssertionError(f"log differs at byte {at} of {len(expected)} (got {len(data)} bytes): "
+                             f"got {data[max(0, at - 60):at + 60]!r}, expected {expected[max(0, at - 60):at + 60]!r}")
+    assert job.logs() == expected.decode()
 
 
 def test_twenty_thousand_lines_and_verified_files(tmp_path: Path) -> None:
@@ -46,13 +68,12 @@ def test_twenty_thousand_lines_and_verified_files(tmp_path: Path) -> None:
         assert time.monotonic() - t0 < 5  # returns a handle at once (generous bound)
         final = job.wait(timeout=120)
         assert final.state is JobState.COMPLETED, final.error
-        text = job.logs()
-        assert _lines(text) == [f"line {i:05d} " + "x" * 40 for i in range(20000)]
-        assert "stderr line" in text
+        expected = _lines_and_files_output()
+        _assert_log(job, expected)  # metric lines stay in the log; none lost, none doubled
         assert [m["step"] for m in job.metrics()] == [0, 5000, 10000, 15000]
-        # Log events carry every line once, in order.
+        # Log events carry every byte once, in order.
         streamed = "".join(e.data for e in events if e.kind == "log")
-        assert _lines(streamed) == _lines(text)
+        assert streamed == expected.decode()
         states = [e.data.state for e in events if e.kind == "state"]
         assert states == [JobState.PROVISIONING, JobState.RUNNING, JobState.DOWNLOADING, JobState.COMPLETED]
         # Artifacts: in artifacts/<job_id>/, hashes equal what was written.
@@ -67,7 +88,7 @@ def test_twenty_thousand_lines_and_verified_files(tmp_path: Path) -> None:
         meta = json.loads((dest / "trainorch-artifact.json").read_text())
         assert meta["metadata"]["provider"] == "local" and len(meta["files"]) == 2
         # The machine is gone.
-        assert not pid_alive(int(final.machine_id or 0))
+        assert not pid_alive(runner_pid(final))
 
 
 def test_failing_command(tmp_path: Path) -> None:
@@ -80,7 +101,7 @@ def test_failing_command(tmp_path: Path) -> None:
         assert "RuntimeError: it broke" in (final.error or "")  # the last lines are in the error
         assert final.artifacts == []
         assert final.diagnosis is not None and final.diagnosis["suggestions"]
-        assert not pid_alive(int(final.machine_id or 0))
+        assert not pid_alive(runner_pid(final))
 
 
 def test_a_missing_module_is_diagnosed(tmp_path: Path) -> None:
@@ -108,7 +129,7 @@ def test_cancel_sleeping_job_leaves_no_process(tmp_path: Path) -> None:
         assert final.state is JobState.CANCELLED
         assert time.monotonic() - t0 < 25  # within the 10 s grace period plus slack
         assert not pid_alive(command_pid)
-        assert not pid_alive(int(final.machine_id or 0))
+        assert not pid_alive(runner_pid(final))
 
 
 def test_cancel_from_a_second_orchestrator(tmp_path: Path) -> None:
@@ -207,7 +228,7 @@ def test_connection_cut_mid_stream_loses_and_doubles_nothing(tmp_path: Path) -> 
             final = job.wait(180)
             stop.set()
             assert final.state is JobState.COMPLETED, final.error
-            assert _lines(job.logs()) == [f"line {i:05d}" for i in range(20000)]
+            _assert_log(job, _numbered(20000))
             (art,) = final.artifacts
             assert hashlib.sha256(art.path.read_bytes()).hexdigest() == art.hash_sha256
             assert proxy.cuts > 5 and proxy.accepted > 5
@@ -227,7 +248,7 @@ def test_restart_reattaches_and_loses_no_line(tmp_path: Path) -> None:
     first = Orchestrator(tmp_path)
     job = first.submit({"name": "restart", "command": py_command(code)})
     deadline = time.monotonic() + 30
-    while len(_lines(job.logs())) < 20 and time.monotonic() < deadline:
+    while job.logs().count("\n") < 20 and time.monotonic() < deadline:
         time.sleep(0.05)
     first.close()  # the kernel goes away mid-run; the runner goes on
     store = Store(tmp_path)
@@ -236,7 +257,7 @@ def test_restart_reattaches_and_loses_no_line(tmp_path: Path) -> None:
         assert job.id in [j.id for j in second.jobs()]
         final = second.wait(job.id, timeout=60)
         assert final.state is JobState.COMPLETED, final.error
-        assert _lines(second.logs(job.id)) == [f"line {i:05d}" for i in range(120)]
+        _assert_log(second.job(job.id), _numbered(120))
         assert [a.name for a in final.artifacts] == ["result.txt"]
 
 
@@ -342,7 +363,7 @@ def test_cancel_while_downloading_stops_the_download_and_the_machine(tmp_path: P
             dest = tmp_path / "artifacts" / job.id
             assert not (dest / "big.bin").exists()
             assert not list(dest.glob(".*.part"))
-            assert not pid_alive(int(final.machine_id or 0))
+            assert not pid_alive(runner_pid(final))
     finally:
         proxy.close()
 
@@ -369,7 +390,7 @@ def test_orchestrator_enforces_its_own_deadline_when_the_runner_does_not(tmp_pat
     assert "stopped by the orchestrator" in (final.error or "")
     assert final.diagnosis is not None and final.diagnosis["cause"] == "max_runtime_exceeded"
     assert took < 40
-    assert not pid_alive(int(final.machine_id or 0))
+    assert not pid_alive(runner_pid(final))
 
 
 def test_a_machine_that_disappears_fails_the_job_quickly(tmp_path: Path) -> None:
@@ -380,7 +401,7 @@ def test_a_machine_that_disappears_fails_the_job_quickly(tmp_path: Path) -> None
         job = orch.submit({"name": "vanish", "command": py_command("import time\nprint('up', flush=True)\ntime.sleep(600)")})
         wait_for(lambda: job.status is JobState.RUNNING and "up" in job.logs(), timeout=30)
         status = json.loads((tmp_path / ".trainorch" / "machines" / job.id / "status.json").read_text())
-        os.kill(int(job.record.machine_id or 0), signal.SIGKILL)  # the machine dies without a word
+        os.kill(runner_pid(job.record), signal.SIGKILL)  # the machine dies without a word
         t0 = time.monotonic()
         final = job.wait(60)
         took = time.monotonic() - t0

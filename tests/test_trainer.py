@@ -145,6 +145,81 @@ def test_saved_adapter_loads_and_reproduces_the_eval_loss(trained: tuple[subproc
     assert eval_loss_of(model, out, s) == pytest.approx(s["eval_loss_after"], abs=1e-4)
 
 
+LOAD_ELSEWHERE = """
+import json, sys
+import torch
+from trainorch_jupyter.trainer import load_adapter, load_tokenizer
+from trainorch_jupyter.trainer.data import encode_records, load_records, split_records
+from trainorch_jupyter.trainer.train import evaluate
+
+cfg, adapter = json.loads(sys.argv[1]), sys.argv[2]
+model = load_adapter(adapter)  # the product's loader: the base model the adapter records, built here
+tok = load_tokenizer(adapter)
+records, fmt = load_records(cfg["data"])
+_, ev = split_records(records, cfg["eval_fraction"], cfg["seed"])
+examples = encode_records(tok, ev, fmt, cfg["seq_len"])
+loss = evaluate(model, examples, batch_size=max(cfg["batch_size"], 8), pad_id=tok.pad_token_id, device=torch.device("cpu"))
+print(json.dumps({"eval_loss": loss, "base_path": model.get_base_model().name_or_path}))
+"""
+
+
+def test_adapter_records_a_base_model_that_loads_on_another_machine(
+    trained: tuple[subprocess.CompletedProcess[str], Path], cache_dir: Path, tmp_path: Path
+) -> None:
+    """Issue 7 item 2: adapter_config.json and the adapter card named the base model by the training machine's
+    cache path (``.../tiny-<hash>``), which exists nowhere else."""
+    import shutil
+
+    _, out = trained
+    s = json.loads((out / "training_summary.json").read_text())
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "tiny" and s["base_model"] == "tiny"
+    card = (out / "README.md").read_text()
+    assert "\nbase_model: tiny\n" in card, card[:400]
+    for name in ("adapter_config.json", "README.md"):
+        assert str(cache_dir) not in (out / name).read_text(), name
+    # Another machine: only the adapter's files, a fresh cache, the training machine's cache out of reach.
+    adapter = tmp_path / "elsewhere" / "adapter"
+    adapter.mkdir(parents=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors", "README.md"):
+        shutil.copy(out / name, adapter / name)
+    other_cache = tmp_path / "other-cache"
+    hidden = cache_dir.with_name(cache_dir.name + "-hidden")
+    cache_dir.rename(hidden)
+    try:
+        proc = subprocess.run([sys.executable, "-c", LOAD_ELSEWHERE, json.dumps(s["config"]), str(adapter)],
+                              env=trainer_env(other_cache), cwd=tmp_path / "elsewhere", capture_output=True, text=True,
+                              timeout=240)
+    finally:
+        hidden.rename(cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert Path(got["base_path"]).parent == other_cache  # built on "this" machine
+    assert got["eval_loss"] == pytest.approx(s["eval_loss_after"], abs=1e-4)  # the same base, the same adapter
+
+
+def test_recorded_base_model_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainorch_jupyter.trainer.models import recorded_name
+
+    assert recorded_name("tiny") == ("tiny", None)
+    assert recorded_name("Qwen/Qwen2.5-0.5B") == ("Qwen/Qwen2.5-0.5B", None)  # a hub id stays as given
+    (tmp_path / "my-model").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert recorded_name("my-model") == (str(tmp_path / "my-model"), None)  # a local folder: its absolute path
+    snap = tmp_path / "hf" / "hub" / "models--Qwen--Qwen2.5-0.5B" / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    assert recorded_name(str(snap)) == ("Qwen/Qwen2.5-0.5B", "a" * 40)  # hub cache: the hub id and revision
+
+
+def test_an_adapter_on_a_missing_local_folder_says_so(tmp_path: Path) -> None:
+    from trainorch_jupyter.trainer.models import load_adapter
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "/nowhere/my-model", "r": 8}))
+    with pytest.raises(FileNotFoundError, match=r"local model folder /nowhere/my-model.*base_model="):
+        load_adapter(tmp_path)
+
+
 # --------------------------------------------------------------------------------------------
 # Bad data: named error, exit 2, before any model (or torch) is loaded
 # --------------------------------------------------------------------------------------------

@@ -52,17 +52,19 @@ def test_train_magic_runs_a_real_lora_job_and_the_adapter_loads(tmp_path: Path) 
 
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from trainorch_jupyter.trainer.tiny import build_tiny_model
+    from trainorch_jupyter.trainer import load_adapter, load_tokenizer, resolve_model
 
     summary = json.loads((art_dir / "training_summary.json").read_text())
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
-    base_path = build_tiny_model()
-    tok = AutoTokenizer.from_pretrained(base_path)
+    # The adapter names its base model by a name that loads anywhere, not the runner's cache path.
+    assert json.loads((art_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny"
+    tok = load_tokenizer(str(art_dir))
     ids = tok("upper: red cat\n", return_tensors="pt").input_ids
-    base = AutoModelForCausalLM.from_pretrained(base_path).eval()
-    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), art_dir).eval()
+    base = AutoModelForCausalLM.from_pretrained(resolve_model("tiny")).eval()
+    tuned = load_adapter(art_dir).eval()
+    assert isinstance(tuned, PeftModel)
     with torch.no_grad():
         diff = (tuned(ids).logits - base(ids).logits).abs().max().item()
     assert diff > 1e-3  # the adapter changes the model

@@ -21,6 +21,7 @@ import torch
 
 from .cli import METRIC_PREFIX
 from .data import Example, Format, Record, collate, encode_records, split_records
+from .models import TINY, recorded_name, resolve_model
 
 # LoRA targets per ``config.model_type``.
 ARCH_TARGETS: dict[str, list[str]] = {
@@ -253,12 +254,12 @@ def _train(args: argparse.Namespace, records: list[Record], fmt: Format, stop: S
         torch.set_num_threads(cpu_threads())
     amp = autocast_dtype(device)
 
-    model_path: str = args.model
-    if args.model == "tiny":
-        from .tiny import build_tiny_model
-
-        model_path = str(build_tiny_model())
+    model_path = resolve_model(args.model)
+    if args.model == TINY:
         log(f"tiny model built offline at {model_path}")
+    # What the adapter (its config and its card) records as its base model: a name that loads anywhere
+    # (``tiny``, a hub id), never this machine's cache path (see .models).
+    base_name, base_revision = recorded_name(args.model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError) as e:
@@ -290,6 +291,8 @@ def _train(args: argparse.Namespace, records: list[Record], fmt: Format, stop: S
         print(f"ModelError: cannot load {args.model!r}: {e}", file=sys.stderr, flush=True)
         return 1
     base.config.use_cache = False
+    base.config.name_or_path = base_name  # read by peft for the adapter card's ``base_model``
+    base.name_or_path = base_name  # read by get_peft_model for ``base_model_name_or_path``
     targets = list(args.target_modules) if args.target_modules else default_target_modules(base)
     lora = LoraConfig(
         task_type="CAUSAL_LM",
@@ -300,7 +303,7 @@ def _train(args: argparse.Namespace, records: list[Record], fmt: Format, stop: S
         fan_in_fan_out=getattr(base.config, "model_type", "") == "gpt2",
     )
     try:
-        model = get_peft_model(base, lora)
+        model = get_peft_model(base, lora, revision=base_revision)
     except ValueError as e:
         print(f"ModelError: LoRA target modules {','.join(targets)}: {e}", file=sys.stderr, flush=True)
         return 1
@@ -402,7 +405,12 @@ def _train(args: argparse.Namespace, records: list[Record], fmt: Format, stop: S
     partial = bool(stop) and step < total_steps
 
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(args.output_dir), safe_serialization=True)
+    # The vocabulary is never resized here, so the full embeddings are saved only where LoRA targets them (peft's
+    # "auto" says so then). Left at "auto" otherwise, peft would look the recorded base name up on the hub to
+    # compare vocabulary sizes: a network call at save time, for ``tiny`` a name that is on no hub.
+    embeddings_targeted = any(t in ("embed_tokens", "lm_head") for t in targets)
+    model.save_pretrained(str(args.output_dir), safe_serialization=True,
+                          save_embedding_layers="auto" if embeddings_targeted else False)
 
     eval_after: float | None = None
     if not partial:
@@ -412,6 +420,7 @@ def _train(args: argparse.Namespace, records: list[Record], fmt: Format, stop: S
     summary: dict[str, Any] = {
         "model": args.model,
         "model_path": model_path,
+        "base_model": base_name,
         "data_format": fmt,
         "train_examples": len(train_ex),
         "eval_examples": len(eval_ex),
