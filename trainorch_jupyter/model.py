@@ -560,6 +560,9 @@ class Job:
     gpu: str | None = None
     # Provider data needed to find the machine again (never secrets: no API keys).
     machine: dict[str, Any] = field(default_factory=dict)
+    # The machine bills from its create until its terminate is confirmed.
+    billing_since: datetime | None = None
+    billing_until: datetime | None = None
 
     def transition(self, dst: JobState, *, now: datetime | None = None) -> None:
         """Move to ``dst`` or raise :class:`IllegalTransition`; stamps the times."""
@@ -582,8 +585,13 @@ class Job:
 
     @property
     def cost_so_far(self) -> float | None:
+        """USD the job's machine has cost: its price times the time from its create until its terminate was
+        confirmed (or now)."""
         if self.price_per_hour is None:
             return None
+        if self.billing_since is not None:
+            end = self.billing_until or utcnow()
+            return self.price_per_hour * max(0.0, (end - self.billing_since).total_seconds()) / 3600.0
         elapsed = self.elapsed_s
         return None if elapsed is None else self.price_per_hour * elapsed / 3600.0
 
@@ -606,6 +614,8 @@ class Job:
             "price_per_hour": self.price_per_hour,
             "gpu": self.gpu,
             "machine": dict(self.machine),
+            "billing_since": _dt_to_str(self.billing_since),
+            "billing_until": _dt_to_str(self.billing_until),
         }
 
     @classmethod
@@ -631,6 +641,8 @@ class Job:
             price_per_hour=data.get("price_per_hour"),
             gpu=data.get("gpu"),
             machine=dict(data.get("machine") or {}),
+            billing_since=_dt_from_str(data.get("billing_since")),
+            billing_until=_dt_from_str(data.get("billing_until")),
         )
 
 

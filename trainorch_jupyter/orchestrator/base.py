@@ -48,6 +48,7 @@ class OrchestratorBase(LoopOwner, EventBus):
         EventBus.__init__(self)
         self.workspace = Path(workspace).resolve() if workspace is not None else default_workspace()
         self.store = Store(self.workspace)
+        self.workspace_id = self.store.workspace_id()  # tags cloud machines (with the job id)
         self.artifacts_dir = self.workspace / "artifacts"
         self.owner = process_owner_id()
         # A URL (e.g. a Slack incoming webhook) posted a short summary when a job ends. It is a secret of
@@ -65,6 +66,10 @@ class OrchestratorBase(LoopOwner, EventBus):
         self._interruptible: set[str] = set()  # jobs whose drive may be cancelled outright (before the start)
         self._user_cancelled: set[str] = set()  # drive tasks cancelled for a user's cancel
         self._clients: dict[str, RunnerClient] = {}  # the runner client of each driven job (its URL may move)
+        self._last_ok: dict[str, float] = {}  # when each driven job's runner last answered (monotonic)
+        # One HTTP client per remote job, pinned to that job's TLS certificate; never shared with a provider's
+        # API client (which carries the account's key) nor with another job.
+        self._runner_https: dict[str, httpx.AsyncClient] = {}
         self._reaping: set[tuple[str, str]] = set()
         self._unsaved: dict[str, Job] = {}  # ended jobs whose final record could not be written yet
         self._callbacks = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="trainorch-on-done")
@@ -104,7 +109,10 @@ class OrchestratorBase(LoopOwner, EventBus):
 
         # connect.py
         async def _persist(self, what: str, fn: Callable[[], Coroutine[Any, Any, T]],
-                           job_id: str | None = None) -> T: ...
+                           job_id: str | None = None, *, bounded: bool = True) -> T: ...
+        def _runner_http(self, job: Job) -> httpx.AsyncClient: ...
+        async def _close_runner_http(self, job_id: str) -> None: ...
+        async def _ensure_runner(self, job: Job, provider: Provider, deadline: float) -> None: ...
 
         # run.py
         async def _start_command(self, job: Job, client: RunnerClient) -> None: ...

@@ -40,7 +40,7 @@ class CollectStage(OrchestratorBase):
             "job_name": job.spec.name,
             "created_at": job.created_at.isoformat(),
         }
-        infos = await artifacts_mod.download_manifest(self._http, client.base_url, headers=client.auth_headers(),
+        infos = await artifacts_mod.download_manifest(self._runner_http(job), client.base_url, headers=client.auth_headers(),
                                                       manifest=manifest, dest_dir=dest, job_id=job.id, metadata=metadata)
         if dest == self.artifacts_dir / job.id:
             job.artifacts = infos
@@ -54,7 +54,8 @@ class CollectStage(OrchestratorBase):
         self._check_cancel(job)
         dest = self.artifacts_dir / job.id
         download = asyncio.create_task(self._persist("downloading artifacts",
-                                                     lambda: self._download_from(job, client, dest), job.id))
+                                                     lambda: self._download_from(job, client, dest), job.id,
+                                                     bounded=False))
         self._downloading[job.id] = download
         try:
             await download
@@ -135,7 +136,7 @@ class CollectStage(OrchestratorBase):
         provider = self.provider(job.provider)
         handle: MachineHandle | None = None
         if job.runner_url:
-            client = RunnerClient(job.runner_url, token, http=self._http)
+            client = RunnerClient(job.runner_url, token, http=self._runner_http(job))
             try:
                 await client.health()
                 return await fetch(client)
@@ -147,7 +148,7 @@ class CollectStage(OrchestratorBase):
         if handle is None or handle.runner_url is None:
             raise TrainorchError(f"the machine of job {job_id} is gone and its files were not downloaded before; they cannot be fetched now")
         try:
-            client = RunnerClient(handle.runner_url, token, http=self._http)
+            client = RunnerClient(handle.runner_url, token, http=self._runner_http(job))
             await client.wait_ready(timeout=30.0)
             return await fetch(client)
         finally:

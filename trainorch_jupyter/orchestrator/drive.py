@@ -127,7 +127,7 @@ class DriveStage(OrchestratorBase):
             self._machines[job.id] = (provider, handle)
             token = await asyncio.to_thread(self.store.runner_token, job.id)
             assert token is not None
-            client = RunnerClient(str(job.runner_url), token, http=self._http)
+            client = RunnerClient(str(job.runner_url), token, http=self._runner_http(job))
             self._clients[job.id] = client
             if job.state is JobState.PROVISIONING:
                 await self._start_command(job, client)
@@ -169,6 +169,8 @@ class DriveStage(OrchestratorBase):
         finally:
             self._machines.pop(job.id, None)
             self._clients.pop(job.id, None)
+            self._last_ok.pop(job.id, None)
+            await self._close_runner_http(job.id)
             self._interruptible.discard(job.id)
             self._user_cancelled.discard(job.id)
             if not detached:

@@ -77,6 +77,8 @@ class Orchestrator(DriveStage, ProvisionStage, ConnectStage, RunStage, CollectSt
             for p in self._providers.values():
                 with contextlib.suppress(Exception):
                     await p.aclose()
+            for job_id in list(self._runner_https):
+                await self._close_runner_http(job_id)
             await self._http.aclose()
 
         with contextlib.suppress(Exception):
@@ -95,7 +97,8 @@ class Orchestrator(DriveStage, ProvisionStage, ConnectStage, RunStage, CollectSt
                 cls = self._provider_classes.get(name)
                 if cls is None:
                     raise SpecError("provider", f"unknown provider {name!r}; available: {', '.join(sorted(self._provider_classes))}")
-                self._providers[name] = cls(workspace=self.workspace, http=self._http, **self._provider_config.get(name, {}))
+                config = {"workspace_id": self.workspace_id, **self._provider_config.get(name, {})}
+                self._providers[name] = cls(workspace=self.workspace, http=self._http, **config)
             return self._providers[name]
 
     @property

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import secrets
 import time
 from pathlib import Path
 from typing import Any
 
-from ..model import Job, JobState, ProviderError
+from ..model import Job, JobSpec, JobState, ProviderError, utcnow
 from ..providers import Bootstrap, MachineHandle, MachineStatus, PollResult, Provider
-from ..runner_client import RunnerClient
 from ..store import LeaseLost
 from . import settings
 from .base import OrchestratorBase, _transient
@@ -44,7 +44,7 @@ class ProvisionStage(OrchestratorBase):
         self._check_cancel(job)
         token = secrets.token_urlsafe(32)
         await self._store_write(self.store.set_runner_token, job.id, token, fence=self._fence(job.id))
-        bootstrap = self._bootstrap(job, token)
+        bootstrap = self._bootstrap(job, token, provider)
         intent = _intent_id(job.id)
         await self._store_write(self.store.add_reap, provider.name, intent, {}, job_id=job.id, kind="reconcile")
         try:
@@ -60,6 +60,10 @@ class ProvisionStage(OrchestratorBase):
             await self._store_write(self.store.reap_done, provider.name, intent)
             job.machine_id = handle.machine_id
             job.machine = dict(handle.data)
+            if bootstrap.channel is not None:  # the certificate is public: the client pins it (its key stays out)
+                job.machine["tls_cert"] = bootstrap.channel.cert_pem
+            job.billing_since = utcnow()
+            job.billing_until = None
             job.price_per_hour = handle.price_per_hour
             job.gpu = handle.gpu
             job.runner_url = handle.runner_url
@@ -72,12 +76,22 @@ class ProvisionStage(OrchestratorBase):
             raise
         return handle
 
-    def _bootstrap(self, job: Job, token: str) -> Bootstrap:
+    def _bootstrap(self, job: Job, token: str, provider: Provider) -> Bootstrap:
         """What the machine needs to run the runner for ``job``; the runner's life is bounded in every state
-        (idle before the start, the max runtime while running, a retention time after the command exits)."""
-        return Bootstrap(job_id=job.id, token=token, runner_source=_runner_source(),
-                         idle_timeout_s=settings.RUNNER_IDLE_S, retention_s=settings.RUNNER_RETENTION_S,
-                         packages=["trainorch-jupyter[train]"] if job.spec.train is not None else [])
+        (idle before the start, the max runtime while running, a retention time after the command exits).
+        A remote machine also gets the job's own TLS key material and the runner's hash (for its stage-0), and
+        the provider's dead-man hook: the machine destroys itself when the runner's life ends."""
+        source = _runner_source()
+        bootstrap = Bootstrap(job_id=job.id, token=token, runner_source=source,
+                              idle_timeout_s=settings.RUNNER_IDLE_S, retention_s=settings.RUNNER_RETENTION_S,
+                              packages=remote_packages(job.spec) if provider.remote else [])
+        if provider.remote:
+            from ..remote import new_channel_keys
+
+            bootstrap.channel = new_channel_keys()
+            bootstrap.runner_sha256 = hashlib.sha256(source.encode()).hexdigest()
+            bootstrap.on_exit = provider.self_destroy_hook()
+        return bootstrap
 
     async def _reconcile(self, job: Job, provider: Provider) -> None:
         """Destroy whatever machine a create for ``job`` may have made; on failure leave it to the reaper."""
@@ -126,10 +140,7 @@ class ProvisionStage(OrchestratorBase):
                 raise ProviderError(job.provider, f"the machine was not ready within {provider.provision_timeout_s:.0f}s")
             await asyncio.sleep(2.0)
         await self._save(job)
-        token = await asyncio.to_thread(self.store.runner_token, job.id)
-        assert token is not None
-        client = RunnerClient(str(job.runner_url), token, http=self._http)
-        await client.wait_ready(timeout=max(5.0, deadline - time.monotonic()))
+        await self._ensure_runner(job, provider, deadline)
 
     async def _resume_handle(self, job: Job, provider: Provider) -> MachineHandle | None:
         if job.state is JobState.PENDING or job.machine_id is None:
@@ -141,6 +152,8 @@ class ProvisionStage(OrchestratorBase):
             if result.runner_url != job.runner_url:  # the machine is reached elsewhere now
                 handle.runner_url = job.runner_url = result.runner_url
                 await self._save(job)
+            if job.state is JobState.PROVISIONING:  # the kernel may have gone before the runner was pushed
+                await self._ensure_runner(job, provider, time.monotonic() + provider.provision_timeout_s)
             return handle
         if result.status in (MachineStatus.PROVISIONING, MachineStatus.READY):
             await self._wait_machine(job, provider, handle)
@@ -189,3 +202,26 @@ def _intent_id(job_id: str) -> str:
 def _handle_dict(handle: MachineHandle) -> dict[str, Any]:
     return {"runner_url": handle.runner_url, "data": dict(handle.data), "price_per_hour": handle.price_per_hour,
             "gpu": handle.gpu}
+
+
+def remote_packages(spec: JobSpec) -> list[str]:
+    """What a remote machine must pip-install before a trainer job: the requirements of this package's
+    ``train`` extra and its own (this package itself travels as a wheel input, built from the running code)."""
+    if spec.train is None:
+        return []
+    import importlib.metadata
+    import re
+
+    try:
+        reqs = importlib.metadata.requires("trainorch-jupyter") or []
+    except importlib.metadata.PackageNotFoundError:
+        reqs = []
+    out = []
+    for req in reqs:
+        name, _, marker = req.partition(";")
+        marker = marker.strip()
+        if not marker or re.fullmatch(r"""extra\s*==\s*["']train["']""", marker):
+            if not re.match(r"(ipython|ipywidgets|httpx|tenacity|cryptography|trainorch)", name.strip(), re.I):
+                out.append(name.strip())
+    return out or ["torch>=2.2", "transformers>=4.45", "peft>=0.13", "safetensors>=0.4", "tokenizers>=0.19",
+                   "PyYAML>=6.0"]

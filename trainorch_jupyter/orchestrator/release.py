@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 
-from ..model import Job
+from ..model import Job, utcnow
 from ..providers import MachineHandle, Provider
 from . import settings
 from .base import OrchestratorBase
@@ -49,4 +49,6 @@ class ReleaseStage(OrchestratorBase):
                 delay = min(settings.TERMINATE_RETRY_S, delay * 2)
             else:
                 await self._store_write(self.store.reap_done, provider.name, handle.machine_id)
+                if job.machine_id == handle.machine_id and job.billing_since is not None:
+                    job.billing_until = utcnow()  # confirmed gone: it bills no more
                 return

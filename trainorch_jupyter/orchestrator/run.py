@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import shlex
 import sys
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,6 +20,7 @@ from ..model import Job, JobSpec, JobState, RunnerError, utcnow
 from ..runner_client import RunnerClient, RunnerHTTPError
 from .base import OrchestratorBase
 from .outcome import DeadlineExceeded, Outcome
+from .provision import remote_packages
 
 
 class RunStage(OrchestratorBase):
@@ -29,9 +32,20 @@ class RunStage(OrchestratorBase):
         spec = job.spec
         status = await self._persist("reading the status", client.status, job.id)
         if status.get("state") == "idle":
-            for name, path in spec.all_inputs():
+            inputs = list(spec.all_inputs())
+            wheel: Path | None = None
+            provider = self.provider(job.provider)
+            if provider.remote and spec.train is not None:
+                from ..remote import package_wheel
+
+                wheel = await asyncio.to_thread(package_wheel, self.store.root / "wheels")
+                inputs.append((wheel.name, wheel))
+            command = build_command(spec, job.provider, wheel=wheel.name if wheel else None,
+                                    packages=remote_packages(spec) if provider.remote else None)
+            for name, path in inputs:
                 self._check_cancel(job)
-                await self._persist(f"uploading {name}", functools.partial(client.upload_input, name, path), job.id)
+                await self._persist(f"uploading {name}", functools.partial(client.upload_input, name, path), job.id,
+                                    bounded=False)
             self._check_cancel(job)
 
             async def start_once() -> None:
@@ -40,7 +54,7 @@ class RunStage(OrchestratorBase):
                 if status.get("state") != "idle":
                     return
                 try:
-                    await client.start(build_command(spec, job.provider), env=dict(spec.env),
+                    await client.start(command, env=dict(spec.env),
                                        max_runtime_s=spec.max_runtime, grace_s=10.0)
                 except RunnerHTTPError as exc:
                     if exc.status != 409:
@@ -141,14 +155,33 @@ class RunStage(OrchestratorBase):
         return Outcome(JobState.COMPLETED)
 
 
-def build_command(spec: JobSpec, provider: str) -> list[str]:
-    """The argv the runner starts for ``spec``."""
+def build_command(spec: JobSpec, provider: str, *, wheel: str | None = None,
+                  packages: list[str] | None = None) -> list[str]:
+    """The argv the runner starts for ``spec``.
+
+    On a remote machine a trainer job first brings this package's own code (``wheel``, an input built from
+    the running package, unpacked onto ``PYTHONPATH``: the machine runs exactly the kernel's version) and pip-installs
+    ``packages``; all of it prints into the job's log, so a slow or failing install is seen live."""
     if spec.command is not None:
         return list(spec.command)
     assert spec.train is not None
     python = sys.executable if provider == "local" else "python3"
     data = "${TRAINORCH_INPUT_DIR}/" + spec.train.data_input_name
-    return [python, "-m", "trainorch_jupyter.trainer", *spec.train.cli_args(data, "${TRAINORCH_OUTPUT_DIR}")]
+    argv = [python, "-m", "trainorch_jupyter.trainer", *spec.train.cli_args(data, "${TRAINORCH_OUTPUT_DIR}")]
+    if wheel is None and not packages:
+        return argv
+    lines = ["set -e", "export PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1"]
+    if wheel is not None:
+        lines += ['pkg="$PWD/.trainorch-pkg"',
+                  f'{python} -m zipfile -e {shlex.quote("${TRAINORCH_INPUT_DIR}/" + wheel)} "$pkg"',
+                  'export PYTHONPATH="$pkg${PYTHONPATH:+:$PYTHONPATH}"',
+                  f"echo {shlex.quote('[trainorch] this package: ' + wheel)}"]
+    if packages:
+        quoted = " ".join(shlex.quote(p) for p in packages)
+        lines += [f"echo {shlex.quote('[trainorch] pip install ' + ' '.join(packages))}",
+                  f"{python} -m pip install --progress-bar off {quoted}"]
+    lines.append("exec " + " ".join(shlex.quote(a) for a in argv))
+    return ["/bin/sh", "-c", "\n".join(lines)]
 
 
 def _first_error(group: BaseExceptionGroup[Any]) -> BaseException:

@@ -30,6 +30,9 @@ POLL_RETRY_S = 120.0
 UNREACHABLE_TIMEOUT_S = 180.0
 #: How often (at most) a job's provider is asked whether its machine still exists while the runner is unreachable.
 MACHINE_CHECK_S = 5.0
+#: The shortest a runner call may be given before it counts as unanswered: longer than a long poll (the runner
+#: holds one up to 25 s; the client waits 15 s more), so a healthy but quiet runner is never cut short.
+MIN_CALL_S = 45.0
 #: The orchestrator ends a job this long past its max runtime if the runner has not (it should, first).
 RUNTIME_SLACK_S = 120.0
 #: The runner's life (its dead-man switch): it exits when nobody asked it to start a command within

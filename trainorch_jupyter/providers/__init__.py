@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import importlib.metadata
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Any
 import httpx
 
 from ..model import Job, JobSpec, Resources, SpecError
+
+log = logging.getLogger("trainorch_jupyter")
 
 ENTRY_POINT_GROUP = "trainorch_jupyter.providers"
 
@@ -40,6 +43,21 @@ class Bootstrap:
     packages: list[str] = field(default_factory=list)  # pip requirements the command needs
     retention_s: float = 1800.0  # after the command exited: files served until this long without a request
     on_exit: str | None = None  # shell command run once when the runner ends its own life (argv: no secret in it)
+    # The remote path (cloud providers): the runner source's SHA-256 (stage-0 accepts only those bytes) and the
+    # job's TLS key material (``remote.ChannelKeys``; its private key is a secret, never stored or logged).
+    runner_sha256: str = ""
+    channel: Any = None
+
+    def start_command(self, *, port_env: str | None = None, python: str = "python3") -> str:
+        """The machine's start command: a stage-0 (one POSIX ``sh`` command line, no env value needed) that serves
+        the job's pinned TLS channel, accepts the runner whose hash is ``runner_sha256`` and execs it with this
+        bootstrap's life flags. ``port_env`` names a variable holding the port to listen on (a provider's mapping)."""
+        if self.channel is None or not self.runner_sha256:
+            raise ValueError("a remote bootstrap needs channel keys and the runner's SHA-256")
+        from ..remote import stage0_command
+
+        return stage0_command(token=self.token, keys=self.channel, runner_sha256=self.runner_sha256,
+                              runner_args=self.runner_args(), port=self.port, port_env=port_env, python=python)
 
     def runner_args(self) -> list[str]:
         """The runner's life flags: ``--idle-timeout``, ``--retention`` and (if set) ``--on-exit``."""
@@ -51,7 +69,7 @@ class Bootstrap:
     def __repr__(self) -> str:  # keep the token (and the hook, which may name a credential file) out of any repr
         return (f"Bootstrap(job_id={self.job_id!r}, port={self.port}, packages={self.packages!r}, "
                 f"idle_timeout_s={self.idle_timeout_s:g}, retention_s={self.retention_s:g}, "
-                f"on_exit={'set' if self.on_exit else None})")
+                f"on_exit={'set' if self.on_exit else None}, channel={'set' if self.channel else None})")
 
 
 @dataclass
@@ -95,6 +113,9 @@ class Provider(ABC):
     """One provider: launch, poll, terminate, offers. One instance per orchestrator."""
 
     name: str = ""
+    #: True for a provider whose machines are reached over the internet: the orchestrator then gives each job a
+    #: pinned TLS channel and a stage-0 start command (``Bootstrap.start_command``) and pushes the runner to it.
+    remote: bool = False
     #: Seconds a launch may take before the machine is terminated and the job fails.
     provision_timeout_s: float = 20 * 60.0
 
@@ -123,6 +144,16 @@ class Provider(ABC):
         """Machines tagged with ``job.id`` that exist (after a create error or a crash)."""
         return []
 
+    def self_destroy_hook(self) -> str | None:
+        """A shell command, run on the machine by the runner when its life ends, that destroys the machine
+        (the dead-man switch); None where the provider offers no way to (the orchestrator's reap list remains)."""
+        return None
+
+    async def list_machines(self) -> list[MachineHandle]:
+        """Every machine this tool tagged on the account (for ``cleanup``); ``data["job_id"]`` and
+        ``data["workspace_id"]`` parsed from the tag."""
+        return []
+
     async def offers(self, resources: Resources) -> list[Offer]:
         return []
 
@@ -136,7 +167,8 @@ def available_providers() -> dict[str, type[Provider]]:
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         try:
             cls = ep.load()
-        except Exception:  # a broken third-party plugin must not break the others
+        except Exception as exc:  # a broken third-party plugin must not break the others
+            log.warning("provider plugin %r (%s) could not be loaded: %s", ep.name, ep.value, exc)
             continue
         if isinstance(cls, type) and issubclass(cls, Provider):
             out[ep.name] = cls
