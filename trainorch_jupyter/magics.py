@@ -1,7 +1,7 @@
 """The ``%train`` magics: the notebook's face over the orchestrator.
 
 ``%train SUBCOMMAND ...`` with subcommands submit, status, logs, cancel, list, download, panel,
-dashboard; ``%%train submit`` takes a YAML or TOML spec in the cell body. Bad input raises
+dashboard, keys, cleanup; ``%%train submit`` takes a YAML or TOML spec in the cell body. Bad input raises
 IPython's ``UsageError`` (printed as one line, no traceback) before anything is written or billed.
 """
 
@@ -14,6 +14,7 @@ import sys
 import time
 import tomllib
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from .model import (
 from .orchestrator import JobHandle, Orchestrator, get_orchestrator
 from .store import tail_lines
 
-SUBCOMMANDS = ("submit", "status", "logs", "cancel", "list", "download", "panel", "dashboard")
+SUBCOMMANDS = ("submit", "status", "logs", "cancel", "list", "download", "panel", "dashboard", "keys", "cleanup")
 DOWNLOAD_TIMEOUT_S = 600.0  # %train download gives up (and stops the download) after this long by default
 _WAIT_SLICE_S = 0.25  # a wait in the kernel's main thread is cut in slices like this (Ctrl-C is seen at once)
 
@@ -76,9 +77,15 @@ def _common_submit_arguments(fn: Callable[..., Any]) -> Callable[..., Any]:
         (("--max-runtime",), {"default": None, "help": "stop the job after this long: 3600, 45m, 2h (default 6h)"}),
         (("--env", "-e"), {"action": "append", "default": [], "metavar": "K=V", "help": "environment variable for the job (repeatable)"}),
         (("--input", "-i"), {"action": "append", "default": [], "metavar": "PATH", "help": "file uploaded to $TRAINORCH_INPUT_DIR (repeatable)"}),
-        (("--gpu",), {"default": None, "help": "GPU type for cloud providers, e.g. 'A100 80GB'"}),
-        (("--gpu-count",), {"type": int, "default": None, "help": "number of GPUs"}),
-        (("--max-price",), {"type": float, "default": None, "help": "max USD per hour for the machine"}),
+        (("--gpu",), {"default": None, "metavar": "NAME",
+                      "help": "GPU type for cloud providers, e.g. 'RTX 4090' or 'A100 80GB' (default: the cheapest in stock)"}),
+        (("--gpus", "--gpu-count"), {"type": int, "default": None, "dest": "gpu_count", "metavar": "N",
+                                     "help": "number of GPUs (default 1)"}),
+        (("--max-price",), {"type": float, "default": None, "metavar": "USD/h",
+                            "help": "max USD per hour for the whole machine: nothing dearer is rented"}),
+        (("--cloud",), {"type": str.lower, "choices": ("secure", "community"), "default": None,
+                        "help": "RunPod's cloud: secure (default) or community (cheaper, hosts of others)"}),
+        (("--image",), {"default": None, "help": "container image for cloud providers (default: a PyTorch CUDA image)"}),
         (("--no-download",), {"action": "store_true", "help": "do not download the artifacts automatically"}),
     ]
     for flags, kw in reversed(opts):
@@ -157,6 +164,18 @@ def _dashboard_parser(line: str) -> None:
     """%train dashboard -- a live table of the workspace's jobs."""
 
 
+@magic_arguments()
+def _keys_parser(line: str) -> None:
+    """%train keys -- which providers have an API key (from the environment or the system keyring), redacted."""
+
+
+@magic_arguments()
+@argument("--yes", "-y", action="store_true", help="destroy them (without it, only list them)")
+def _cleanup_parser(line: str) -> None:
+    """%train cleanup [--yes] -- list the cloud machines made by trainorch that no live job owns, with their $/h;
+    destroy them with --yes."""
+
+
 _PARSERS: dict[str, Callable[..., Any]] = {
     "submit": _submit_parser,
     "status": _status_parser,
@@ -166,6 +185,8 @@ _PARSERS: dict[str, Callable[..., Any]] = {
     "download": _download_parser,
     "panel": _panel_parser,
     "dashboard": _dashboard_parser,
+    "keys": _keys_parser,
+    "cleanup": _cleanup_parser,
 }
 for _name, _fn in _PARSERS.items():
     # IPython's help formatter puts the "%" before the program name itself.
@@ -258,6 +279,13 @@ def spec_from_args(args: Any, command: list[str] | None, base: dict[str, Any] | 
         resources["gpu_count"] = args.gpu_count
     if args.max_price is not None:
         resources["max_price_per_hour"] = args.max_price
+    if getattr(args, "image", None) is not None:
+        resources["image"] = args.image
+    if getattr(args, "cloud", None) is not None:
+        if "cloud" not in {f.name for f in fields(Resources)}:
+            raise SpecError("--cloud", "this version's job spec has no resources.cloud; set the provider's "
+                            "config instead (Orchestrator(provider_config={'runpod': {'cloud': 'COMMUNITY'}}))")
+        resources["cloud"] = args.cloud.upper()
     if resources:
         data["resources"] = Resources.from_dict(resources).to_dict()
     if args.no_download:
@@ -311,6 +339,20 @@ def _format_table(jobs: list[Job]) -> str:
                      "" if j.exit_code is None else str(j.exit_code)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def _format_rows(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
+    """A plain text table of ``rows`` with ``columns`` as (key, heading)."""
+    table = [[h for _, h in columns]]
+    for r in rows:
+        table.append(["" if r.get(k) is None else str(r.get(k)) for k, _ in columns])
+    widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table)
+
+
+def _price(row: dict[str, Any]) -> str:
+    value = row.get("$/h", row.get("price_per_hour"))
+    return "?" if value is None else f"${float(value):.2f}"
 
 
 def _widgets() -> Any | None:
@@ -505,6 +547,45 @@ class TrainMagics(Magics):
         for a in infos:
             print(f"{a.name}  {a.size_bytes} B  sha256 {a.hash_sha256}  verified  -> {a.path}")
         return infos
+
+    def _do_keys(self, rest: str, cell: str | None) -> None:
+        if _parse("keys", rest) is None:
+            return
+        from .keys import key_status
+
+        rows = [s.as_row() for s in key_status()]
+        print(_format_rows(rows, [("provider", "PROVIDER"), ("variable", "VARIABLE"), ("source", "SOURCE"),
+                                  ("key", "KEY")]))
+        if any(r["source"] == "missing" for r in rows):
+            print("\nSet a key in the kernel's environment (e.g. RUNPOD_API_KEY), or store it once in the system "
+                  "keyring: keyring set trainorch-jupyter runpod")
+
+    def _do_cleanup(self, rest: str, cell: str | None) -> None:
+        args = _parse("cleanup", rest)
+        if args is None:
+            return
+        cleanup = getattr(self.orch, "cleanup", None)
+        if cleanup is None:
+            raise UsageError("%train cleanup: this version's orchestrator cannot list cloud machines yet")
+        rows = list(cleanup(yes=bool(args.yes)))
+        if not rows:
+            print("no machine made by trainorch is running without a live job")
+            return
+        shown = [{**r, "_price": _price(r), "_destroyed": "yes" if r.get("destroyed") else "no"} for r in rows]
+        print(_format_rows(shown, [("provider", "PROVIDER"), ("machine_id", "MACHINE"), ("name", "NAME"),
+                                   ("job_id", "JOB"), ("_price", "$/H"), ("state", "STATE"),
+                                   ("_destroyed", "DESTROYED")]))
+        total = sum(float(r.get("$/h", r.get("price_per_hour")) or 0.0) for r in rows)
+        if args.yes:
+            left = [r for r in rows if not r.get("destroyed")]
+            if left:
+                print(f"\n{len(left)} machine(s) could not be destroyed yet and may still bill: run "
+                      "%train cleanup --yes again")
+            else:
+                print(f"\n{len(rows)} machine(s) destroyed")
+        else:
+            print(f"\n{len(rows)} machine(s) billing ${total:.2f}/h in all; nothing was destroyed: run "
+                  "%train cleanup --yes to destroy them")
 
     def _do_panel(self, rest: str, cell: str | None) -> Any:
         args = _parse("panel", rest)

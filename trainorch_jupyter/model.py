@@ -156,6 +156,7 @@ class Resources:
     disk_gb: int = 50
     region: str | None = None
     image: str | None = None  # container image (RunPod, Vast)
+    cloud: str | None = None  # RunPod: "secure" or "community"
 
     def validate(self, prefix: str = "resources") -> None:
         if self.gpu is not None and (not isinstance(self.gpu, str) or not self.gpu.strip()):
@@ -175,6 +176,9 @@ class Resources:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise SpecError(f"{prefix}.{name}", "must be a non-empty string or left out")
+        if self.cloud is not None and (not isinstance(self.cloud, str)
+                                       or self.cloud.strip().lower() not in ("secure", "community")):
+            raise SpecError(f"{prefix}.cloud", f"must be 'secure' or 'community', got {self.cloud!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -90,7 +90,7 @@ class ProvisionStage(OrchestratorBase):
 
             bootstrap.channel = new_channel_keys()
             bootstrap.runner_sha256 = hashlib.sha256(source.encode()).hexdigest()
-            bootstrap.on_exit = provider.self_destroy_hook()
+            bootstrap.on_exit = provider.on_exit_hook()
         return bootstrap
 
     async def _reconcile(self, job: Job, provider: Provider) -> None:

@@ -144,7 +144,7 @@ class Provider(ABC):
         """Machines tagged with ``job.id`` that exist (after a create error or a crash)."""
         return []
 
-    def self_destroy_hook(self) -> str | None:
+    def on_exit_hook(self) -> str | None:
         """A shell command, run on the machine by the runner when its life ends, that destroys the machine
         (the dead-man switch); None where the provider offers no way to (the orchestrator's reap list remains)."""
         return None

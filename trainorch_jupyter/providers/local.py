@@ -58,7 +58,7 @@ class LocalProvider(Provider):
         r = spec.resources
         if r.max_price_per_hour is not None:
             raise SpecError("resources.max_price_per_hour", "does not apply to the local provider (it costs nothing)")
-        for name in ("gpu", "region", "image"):
+        for name in ("gpu", "region", "image", "cloud"):
             if getattr(r, name) is not None:
                 raise SpecError(f"resources.{name}", "does not apply to the local provider: it runs on this machine "
                                 "as it is (choose a cloud provider to pick a GPU, region or image)")
