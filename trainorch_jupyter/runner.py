@@ -3,7 +3,8 @@
 This file is self-contained and uses only the standard library (Python 3.9+: no ``match``, no ``X | Y``
 outside annotations): it is shipped inline to bare images and run as ``python runner.py --state-dir DIR``.
 It also runs as ``python -m trainorch_jupyter.runner``. The HTTP protocol it serves is ``docs/PROTOCOL.md``
-section 2.
+section 2; with ``--tls-cert``/``--tls-key`` it serves it over TLS (stdlib ``ssl``), the pinned channel of a
+remote machine (section 4). ``make lint`` checks that this file stays Python 3.9-compatible (ruff, vermin).
 
 Threads: the HTTP server (one thread per connection), one reader thread that copies the command's
 stdout+stderr into ``job.log`` (and metrics lines into ``metrics.jsonl``), one supervisor thread that
@@ -27,6 +28,7 @@ import re
 import select
 import signal
 import socket
+import ssl
 import stat
 import subprocess
 import sys
@@ -199,6 +201,10 @@ def group_alive(pgid: int) -> bool:
 def _killpg(pgid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
+
+
+#: A socket read or write that timed out: on Python 3.9 ``socket.timeout`` is not yet ``TimeoutError``.
+_TIMEOUTS = (TimeoutError, getattr(socket, "timeout", TimeoutError))
 
 
 class HTTPError(Exception):
@@ -689,8 +695,17 @@ class Runner:
             self._kill_at = kill_at
         self.cond.notify_all()
 
-    def cancel(self, grace_s: float | None) -> dict[str, Any]:
+    def cancel(self, grace_s: float | None, shutdown: str | None = None) -> dict[str, Any]:
+        """Stop the command (a user's cancel). With ``shutdown`` (why the machine is going away), the command
+        is stopped the same way but not marked cancelled: the job did not end by anyone's wish, it failed."""
         with self.cond:
+            if shutdown is not None and self.state == "running" and self._proc is not None \
+                    and self._proc.returncode is None:
+                if not self.cancelled and not self.timed_out and not self.error:
+                    self.error = shutdown
+                    self._persist_status()
+                self._terminate_locked(self._grace_s if grace_s is None else grace_s)
+                return self._status_dict()
             if self.state == "idle":
                 self.cancelled = True
                 self.ended_at = time.time()
@@ -879,9 +894,10 @@ class RunnerServer(ThreadingHTTPServer):
     request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], runner: Runner, *,
-                 auth_timeout: float = DEFAULT_AUTH_TIMEOUT_S) -> None:
+                 auth_timeout: float = DEFAULT_AUTH_TIMEOUT_S, ssl_context: ssl.SSLContext | None = None) -> None:
         self.runner = runner
         self.auth_timeout = auth_timeout
+        self.ssl_context = ssl_context  # serve HTTPS (--tls-cert/--tls-key) when set
         # Connections waiting for (or reading) a request head that is not authenticated yet: deadline, socket.
         self._unauthenticated: dict[int, tuple[float, socket.socket]] = {}
         self._unauthenticated_lock = threading.Lock()
@@ -894,6 +910,33 @@ class RunnerServer(ThreadingHTTPServer):
     def authenticated(self, key: int) -> None:
         with self._unauthenticated_lock:
             self._unauthenticated.pop(key, None)
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """With TLS: the handshake, in this connection's own thread (never in the accept loop), within the auth
+        timeout (per read, and in all: the life watchdog closes the socket at the deadline)."""
+        if self.ssl_context is None:
+            super().finish_request(request, client_address)
+            return
+        key = id(request)
+        self.expect_auth(key, request)
+        try:
+            request.settimeout(self.auth_timeout)
+            conn = self.ssl_context.wrap_socket(request, server_side=True)
+        except (OSError, ValueError):
+            return  # not TLS, not our client, too slow: nothing to answer
+        finally:
+            self.authenticated(key)
+        try:
+            RunnerHandler(conn, client_address, self)
+        finally:
+            self.shutdown_request(conn)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):  # a connection that broke (a reset, a TLS error): one line, no traceback
+            _log(f"connection error: {type(exc).__name__}")
+        else:
+            _log("request failed:\n" + traceback.format_exc())
 
     def reap_unauthenticated(self) -> None:
         """Close the connections whose request head did not authenticate in time (a slow or silent client
@@ -987,7 +1030,7 @@ class RunnerHandler(BaseHTTPRequestHandler):
             self._send_error(exc)
             if not self._body_consumed:
                 self._linger()
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+        except (BrokenPipeError, ConnectionResetError, *_TIMEOUTS):
             self.close_connection = True
         except Exception:
             _log("internal error:\n" + traceback.format_exc())
@@ -1097,7 +1140,7 @@ class RunnerHandler(BaseHTTPRequestHandler):
     def _send_error(self, exc: HTTPError) -> None:
         try:
             self._send_json(exc.status, {"error": exc.message}, exc.headers)
-        except (BrokenPipeError, ConnectionResetError, TimeoutError, ValueError):
+        except (BrokenPipeError, ConnectionResetError, ValueError, *_TIMEOUTS):
             self.close_connection = True
 
     # ------------------------------------------------------------ bodies
@@ -1312,7 +1355,8 @@ def request_shutdown(server: RunnerServer, grace_s: float | None = None, reason:
             runner.exit_reason = reason
     _log(f"exiting ({reason})")
     if runner.status()["state"] == "running":
-        runner.cancel(grace_s)
+        runner.cancel(grace_s, shutdown=f"stopped because the runner is shutting down ({reason}): the machine "
+                                        "is going away")
         with runner.cond:
             grace = runner._grace_s if grace_s is None else grace_s
         runner.wait_exited(grace + GROUP_GONE_WAIT_S + EOF_WAIT_S + 30.0)
@@ -1437,6 +1481,15 @@ def _reexec_with_token_file(argv: list[str], token: str, state_dir: str) -> None
         _log(f"warning: could not restart without {TOKEN_ENV} in the environment ({exc}); prefer --token-file")
 
 
+def server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    """The server side of the pinned channel (docs/PROTOCOL.md section 4): TLS 1.2 or later with the job's own
+    certificate and key (the client trusts that certificate and nothing else)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert_file, key_file)
+    return context
+
+
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
@@ -1467,7 +1520,20 @@ def main(argv: list[str] | None = None, *, reexec: bool = False) -> int:
                         help="close a connection that has not sent a whole authenticated request head in S seconds")
     parser.add_argument("--max-upload-bytes", type=int, default=DEFAULT_MAX_UPLOAD_BYTES,
                         help="largest input file accepted (bigger uploads get 413)")
+    parser.add_argument("--tls-cert", default=None, metavar="PEM",
+                        help="serve HTTPS with this certificate (PEM; needs --tls-key): the client pins it")
+    parser.add_argument("--tls-key", default=None, metavar="PEM", help="the certificate's private key (PEM)")
     args = parser.parse_args(argv)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        _log("refusing to start: --tls-cert and --tls-key go together")
+        return 2
+    ssl_context = None
+    if args.tls_cert is not None:
+        try:
+            ssl_context = server_ssl_context(args.tls_cert, args.tls_key)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            _log(f"refusing to start: cannot load --tls-cert/--tls-key: {exc}")
+            return 2
 
     state_dir = os.path.abspath(args.state_dir)
     env_token = os.environ.pop(TOKEN_ENV, None)  # never passed on, whichever way the token came
@@ -1513,9 +1579,11 @@ def main(argv: list[str] | None = None, *, reexec: bool = False) -> int:
             address_family = socket.AF_INET6
 
         server_cls = _Server6
-    server = server_cls((args.host, args.port), runner, auth_timeout=max(0.1, args.auth_timeout))
+    server = server_cls((args.host, args.port), runner, auth_timeout=max(0.1, args.auth_timeout),
+                        ssl_context=ssl_context)
     host, port = server.server_address[0], server.server_address[1]
-    url = f"http://{_url_host(args.host if args.host not in ('', '0.0.0.0', '::') else str(host))}:{port}"
+    scheme = "https" if ssl_context is not None else "http"
+    url = f"{scheme}://{_url_host(args.host if args.host not in ('', '0.0.0.0', '::') else str(host))}:{port}"
     _atomic_write_json(info_path, {"pid": os.getpid(), "host": args.host, "port": port, "url": url})
 
     def on_signal(signum: int, frame: Any) -> None:
