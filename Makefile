@@ -9,6 +9,11 @@ PIP_INSTALL := $(PIP) install --disable-pip-version-check -q -c constraints.txt 
 
 .PHONY: venv install demo test test-fast bench lab lint clean
 
+# Shipped alone to bare images (runner.py) or inside the start command (stage-0): they must run on Python 3.9.
+PY39_FILES := trainorch_jupyter/runner.py trainorch_jupyter/remote/stage0_program.py
+CHECK_PY39 := $(PY) -m ruff check --target-version py39 --extend-ignore RUF100 $(PY39_FILES) && \
+	$(VENV)/bin/vermin -t=3.9- --no-tips --violations $(PY39_FILES)
+
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check --upgrade pip
@@ -23,6 +28,7 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	sh .ci/ensure-chromium
 	$(PY) -m ruff check trainorch_jupyter tests benchmarks
+	$(CHECK_PY39)
 	$(PY) -m mypy
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
@@ -37,6 +43,7 @@ lab: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check trainorch_jupyter tests benchmarks
+	$(CHECK_PY39)
 	$(PY) -m mypy
 
 clean:

@@ -109,17 +109,17 @@ class ConnectStage(OrchestratorBase):
                 checked = now
                 provider, handle = machine
                 try:
-                    result = await provider.poll(handle)
+                    polled = await provider.poll(handle)
                 except Exception as exc:
                     if not _transient(exc):
                         raise
                     log.info("%s: the provider could not be asked about the machine (%s)", what, exc)
                 else:
-                    if result.status in (MachineStatus.GONE, MachineStatus.FAILED):
+                    if polled.status in (MachineStatus.GONE, MachineStatus.FAILED):
                         raise ProviderError(provider.name, f"{what}: the machine {handle.machine_id} is "
-                                            f"{result.status.value} ({result.detail or 'no detail'})")
-                    if result.status is MachineStatus.READY and result.runner_url and job_id is not None:
-                        await self._moved(job_id, handle, result.runner_url)
+                                            f"{polled.status.value} ({polled.detail or 'no detail'})")
+                    if polled.status is MachineStatus.READY and polled.runner_url and job_id is not None:
+                        await self._moved(job_id, handle, polled.runner_url)
             log.debug("%s: %s; retrying in %.2fs", what, error, delay)
             await asyncio.sleep(delay)
             delay = min(5.0, delay * 2)
