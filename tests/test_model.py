@@ -186,3 +186,18 @@ def test_yaml_style_numeric_strings_are_taken_for_numeric_fields() -> None:
     assert cfg.lr == 0.003 and cfg.steps == 80
     with pytest.raises(SpecError, match=r"train\.lr"):
         TrainerConfig.from_dict({"model": "tiny", "data": "d.jsonl", "lr": "fast"}).validate(check_files=False)
+
+
+@pytest.mark.parametrize(("name", "vram", "canonical"), [
+    ("NVIDIA GeForce RTX 4090", None, "RTX4090"), ("RTX 4090", None, "RTX4090"), ("rtx-4090", None, "RTX4090"),
+    ("1x A100 (40 GB SXM4)", None, "A100-40GB"), ("NVIDIA A100 80GB PCIe", None, "A100-80GB"),
+    ("A100 SXM4", 80, "A100-80GB"), ("A100 SXM4", 40, "A100-40GB"), ("gpu_1x_a100_sxm4", None, "A100"),
+    ("NVIDIA H100 80GB HBM3", None, "H100"), ("H100 SXM5", None, "H100"), ("RTX A6000", None, "A6000"),
+    ("NVIDIA RTX A4000", None, "A4000"), ("A40", None, "A40"), ("NVIDIA L40S", None, "L40S"), ("L4", None, "L4"),
+    ("NVIDIA RTX 6000 Ada Generation", None, "RTX6000-ADA"), ("MI300X", None, "MI300X"),
+])
+def test_gpu_names_map_to_one_vocabulary(name: str, vram: float | None, canonical: str) -> None:
+    from trainorch_jupyter.gpus import canonical_gpu, matches
+
+    assert canonical_gpu(name, vram) == canonical
+    assert matches(name if vram is None else canonical, canonical)

@@ -100,6 +100,10 @@ class PollResult:
 
 @dataclass(frozen=True)
 class Offer:
+    """One machine a provider offers: ``gpu`` in the shared vocabulary (:mod:`trainorch_jupyter.gpus`), the
+    provider's own name in ``provider_gpu``; ``price_per_hour`` for the whole machine (all its GPUs), USD;
+    ``data`` whatever the provider needs to create exactly this offer (an ask id, an instance type)."""
+
     provider: str
     gpu: str
     gpu_count: int
@@ -107,6 +111,8 @@ class Offer:
     region: str | None = None
     available: bool = True
     data: dict[str, Any] = field(default_factory=dict)
+    vram_gb: float | None = None  # per GPU
+    provider_gpu: str | None = None
 
 
 class Provider(ABC):
