@@ -36,7 +36,8 @@ from .model import (
 from .orchestrator import JobHandle, Orchestrator, get_orchestrator
 from .store import tail_lines
 
-SUBCOMMANDS = ("submit", "status", "logs", "cancel", "list", "download", "panel", "dashboard", "keys", "cleanup")
+SUBCOMMANDS = ("submit", "status", "logs", "cancel", "list", "download", "panel", "dashboard", "keys", "cleanup",
+               "offers")
 DOWNLOAD_TIMEOUT_S = 600.0  # %train download gives up (and stops the download) after this long by default
 _WAIT_SLICE_S = 0.25  # a wait in the kernel's main thread is cut in slices like this (Ctrl-C is seen at once)
 
@@ -71,7 +72,9 @@ def _trainer_arguments(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _common_submit_arguments(fn: Callable[..., Any]) -> Callable[..., Any]:
     opts: list[tuple[tuple[str, ...], dict[str, Any]]] = [
-        (("--provider", "-p"), {"default": None, "help": "where to run: local (default) or an installed provider"}),
+        (("--provider", "-p"), {"default": None, "help": "where to run: local (default), an installed provider "
+                                "(runpod, lambda, vast), or auto: the cheapest cloud offer that fits, falling over "
+                                "to the next on a capacity error"}),
         (("--name", "-n"), {"default": None, "help": "job name: lowercase letters, digits, '-' (the id adds date and a suffix)"}),
         (("--wait", "-w"), {"action": "store_true", "help": "block this cell until the job ends (Ctrl-C stops waiting, not the job)"}),
         (("--max-runtime",), {"default": None, "help": "stop the job after this long: 3600, 45m, 2h (default 6h)"}),
@@ -176,6 +179,17 @@ def _cleanup_parser(line: str) -> None:
     destroy them with --yes."""
 
 
+@magic_arguments()
+@argument("--gpu", "-g", default=None, help="a GPU in any spelling: A100-80GB, 'A100 80GB', H100, RTX4090, 'RTX 4090'...")
+@argument("--gpus", type=int, default=1, help="GPUs per machine (default 1)")
+@argument("--min-vram", type=float, default=None, help="at least this many GB of memory per GPU")
+@argument("--max-price", type=float, default=None, help="at most this many USD per hour for the machine")
+@argument("--provider", "-p", action="append", default=None, help="ask only this provider (repeatable)")
+def _offers_parser(line: str) -> None:
+    """%train offers [--gpu NAME] [--gpus N] [--min-vram GB] [--max-price USD/h] [--provider P ...] -- what every
+    cloud provider with a key rents now that fits, cheapest first (GPU names in one vocabulary)."""
+
+
 _PARSERS: dict[str, Callable[..., Any]] = {
     "submit": _submit_parser,
     "status": _status_parser,
@@ -187,6 +201,7 @@ _PARSERS: dict[str, Callable[..., Any]] = {
     "dashboard": _dashboard_parser,
     "keys": _keys_parser,
     "cleanup": _cleanup_parser,
+    "offers": _offers_parser,
 }
 for _name, _fn in _PARSERS.items():
     # IPython's help formatter puts the "%" before the program name itself.
@@ -560,6 +575,20 @@ class TrainMagics(Magics):
             print("\nSet a key in the kernel's environment (e.g. RUNPOD_API_KEY), or store it once in the system "
                   "keyring: keyring set trainorch-jupyter runpod")
 
+    def _do_offers(self, rest: str, cell: str | None) -> Any:
+        args = _parse("offers", rest)
+        if args is None:
+            return None
+        if args.gpus < 1:
+            raise UsageError("%train offers: --gpus must be at least 1")
+        if args.min_vram is not None and args.min_vram <= 0:
+            raise UsageError("%train offers: --min-vram must be a positive number of GB")
+        resources = {"gpu": args.gpu, "gpu_count": args.gpus, "max_price_per_hour": args.max_price}
+        try:
+            return self.orch.offers(resources, providers=args.provider, min_vram_gb=args.min_vram)
+        except SpecError as exc:
+            raise UsageError(f"%train offers: {exc}") from None
+
     def _do_cleanup(self, rest: str, cell: str | None) -> None:
         args = _parse("cleanup", rest)
         if args is None:
@@ -568,6 +597,9 @@ class TrainMagics(Magics):
         if cleanup is None:
             raise UsageError("%train cleanup: this version's orchestrator cannot list cloud machines yet")
         rows = list(cleanup(yes=bool(args.yes)))
+        for r in [r for r in rows if r.get("machine_id") is None]:
+            print(f"{r['provider']}: not asked ({r.get('error')})")
+        rows = [r for r in rows if r.get("machine_id") is not None]
         if not rows:
             print("no machine made by trainorch is running without a live job")
             return

@@ -567,6 +567,8 @@ class Job:
     # The machine bills from its create until its terminate is confirmed.
     billing_since: datetime | None = None
     billing_until: datetime | None = None
+    # ``--provider auto``: every machine tried, in order (provider, gpu, $/h, region, and why it was left).
+    attempts: list[dict[str, Any]] = field(default_factory=list)
 
     def transition(self, dst: JobState, *, now: datetime | None = None) -> None:
         """Move to ``dst`` or raise :class:`IllegalTransition`; stamps the times."""
@@ -620,6 +622,7 @@ class Job:
             "machine": dict(self.machine),
             "billing_since": _dt_to_str(self.billing_since),
             "billing_until": _dt_to_str(self.billing_until),
+            "attempts": [dict(a) for a in self.attempts],
         }
 
     @classmethod
@@ -647,6 +650,7 @@ class Job:
             machine=dict(data.get("machine") or {}),
             billing_since=_dt_from_str(data.get("billing_since")),
             billing_until=_dt_from_str(data.get("billing_until")),
+            attempts=[dict(a) for a in data.get("attempts") or []],
         )
 
 

@@ -20,7 +20,8 @@ Where things are (each stage of a job's drive is a file):
 - ``run.py``: run and follow: upload, start, follow logs and metrics, conclude; ``build_command``
 - ``collect.py``: collect: verified downloads of a job's files
 - ``release.py``: release: terminate the machine, confirmed
-- ``reaper.py``: the reaper of the persisted reap list
+- ``reaper.py``: the reaper of the persisted reap list, and ``cleanup`` of tagged machines no job owns
+- ``offers.py``: one offers table across cloud providers, and ``--provider auto`` with its failover
 - ``notify.py``: done callbacks and the webhook
 - ``housekeeping.py``: lease renewal, cancel requests from the store, the reaper's schedule
 """

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 
-from ..model import ArtifactInfo, Job, JobState, ProviderError, default_workspace
+from ..model import ArtifactInfo, Job, JobSpec, JobState, ProviderError, default_workspace
 from ..providers import MachineHandle, Provider, available_providers
 from ..runner_client import RunnerClient
 from ..store import Fence, Store, process_owner_id
@@ -104,7 +104,8 @@ class OrchestratorBase(LoopOwner, EventBus):
         def _honour_cancel(self, job_id: str) -> None: ...
 
         # provision.py
-        async def _provision(self, job: Job, provider: Provider) -> MachineHandle: ...
+        async def _provision(self, job: Job, provider: Provider, *, launch_spec: JobSpec | None = None,
+                             timeout_s: float | None = None) -> MachineHandle: ...
         async def _resume_handle(self, job: Job, provider: Provider) -> MachineHandle | None: ...
 
         # connect.py
@@ -122,6 +123,9 @@ class OrchestratorBase(LoopOwner, EventBus):
         # collect.py
         async def _auto_download(self, job: Job, client: RunnerClient) -> None: ...
         async def _salvage(self, job: Job, client: RunnerClient) -> None: ...
+
+        # offers.py
+        async def _provision_auto(self, job: Job) -> tuple[Provider, MachineHandle]: ...
 
         # release.py
         async def _terminate(self, provider: Provider, handle: MachineHandle, job: Job) -> None: ...

@@ -118,12 +118,18 @@ class DriveStage(OrchestratorBase):
         if await asyncio.to_thread(self.store.cancel_requested, job_id):
             self._cancel_requested.add(job_id)  # asked before this drive began (another kernel, a restart)
         try:
-            provider = self.provider(job.provider)
             self._interruptible.add(job.id)
-            if resume:
-                handle = await self._resume_handle(job, provider)
-            if handle is None:
-                handle = await self._provision(job, provider)
+            if job.provider == "auto" and job.machine_id is None:
+                # --provider auto: the cheapest offer that fits, falling over to the next (offers.py).
+                if job.state is JobState.PENDING:
+                    await self._set_state(job, JobState.PROVISIONING)
+                provider, handle = await self._provision_auto(job)
+            else:
+                provider = self.provider(job.provider)
+                if resume:
+                    handle = await self._resume_handle(job, provider)
+                if handle is None:
+                    handle = await self._provision(job, provider)
             self._machines[job.id] = (provider, handle)
             token = await asyncio.to_thread(self.store.runner_token, job.id)
             assert token is not None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -30,6 +31,7 @@ from .drive import DriveStage
 from .handle import Download, JobHandle
 from .housekeeping import Housekeeping
 from .notify import Notifier
+from .offers import AUTO, OffersStage
 from .provision import ProvisionStage
 from .reaper import Reaper
 from .release import ReleaseStage
@@ -37,7 +39,7 @@ from .run import RunStage
 
 
 class Orchestrator(DriveStage, ProvisionStage, ConnectStage, RunStage, CollectStage, ReleaseStage, Reaper,
-                   Notifier, Housekeeping):
+                   OffersStage, Notifier, Housekeeping):
     """Runs jobs of one workspace. Thread-safe; all job work happens on its own loop thread."""
 
     def __init__(self, workspace: Path | str | None = None, *, provider_config: Mapping[str, Mapping[str, Any]] | None = None,
@@ -111,7 +113,19 @@ class Orchestrator(DriveStage, ProvisionStage, ConnectStage, RunStage, CollectSt
         """The spec as a JobSpec, checked; raises SpecError naming the field. Touches nothing."""
         if not isinstance(spec, JobSpec):
             spec = JobSpec.from_dict(spec)
-        spec.validate(known_providers=set(self._provider_classes))
+        spec.validate(known_providers={*self._provider_classes, AUTO})
+        if spec.provider == AUTO:
+            # Checked against every cloud provider now: at least one must take it (a key, a GPU it knows).
+            reasons = {}
+            for name in self.cloud_providers():
+                try:
+                    self.provider(name).validate(dataclasses.replace(spec, provider=name))
+                except SpecError as exc:
+                    reasons[name] = str(exc)
+            if len(reasons) == len(self.cloud_providers()):
+                detail = "; ".join(f"{n}: {r}" for n, r in sorted(reasons.items())) or "no cloud provider is installed"
+                raise SpecError("provider", f"'auto' found no cloud provider that can take this job ({detail})")
+            return spec
         self.provider(spec.provider).validate(spec)
         return spec
 

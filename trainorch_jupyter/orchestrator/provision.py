@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import secrets
@@ -30,7 +31,8 @@ log = logging.getLogger("trainorch_jupyter")
 class ProvisionStage(OrchestratorBase):
     """Mixin: create (or find again) a job's machine and wait until its runner answers."""
 
-    async def _provision(self, job: Job, provider: Provider) -> MachineHandle:
+    async def _provision(self, job: Job, provider: Provider, *, launch_spec: JobSpec | None = None,
+                         timeout_s: float | None = None) -> MachineHandle:
         """Create the job's machine and wait until its runner answers.
 
         Money safety: the intent is persisted (a "reconcile" entry on the reap list) before the create
@@ -47,8 +49,12 @@ class ProvisionStage(OrchestratorBase):
         bootstrap = self._bootstrap(job, token, provider)
         intent = _intent_id(job.id)
         await self._store_write(self.store.add_reap, provider.name, intent, {}, job_id=job.id, kind="reconcile")
+        timeout = provider.provision_timeout_s if timeout_s is None else timeout_s
+        # ``launch_spec``: what this provider is asked for (``--provider auto`` turns an offer into a spec); the
+        # job's record keeps the user's own spec.
+        launching = job if launch_spec is None else dataclasses.replace(job, spec=launch_spec)
         try:
-            handle = await asyncio.wait_for(provider.launch(job, bootstrap), provider.provision_timeout_s)
+            handle = await asyncio.wait_for(provider.launch(launching, bootstrap), timeout)
         except BaseException:
             # A create that failed, timed out or was interrupted may still have made a machine: find it by
             # its tag and destroy it; if even that fails, the reaper tries again later (and after a restart).
@@ -68,7 +74,7 @@ class ProvisionStage(OrchestratorBase):
             job.gpu = handle.gpu
             job.runner_url = handle.runner_url
             await self._save(job)
-            await self._wait_machine(job, provider, handle)
+            await self._wait_machine(job, provider, handle, timeout)
         except LeaseLost:
             raise  # the new driver owns the machine now
         except BaseException:
@@ -117,10 +123,12 @@ class ProvisionStage(OrchestratorBase):
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self.store.mark_reap_due, provider.name, intent, str(exc)[:500])
 
-    async def _wait_machine(self, job: Job, provider: Provider, handle: MachineHandle) -> None:
+    async def _wait_machine(self, job: Job, provider: Provider, handle: MachineHandle,
+                            timeout_s: float | None = None) -> None:
         """Until the machine is up and its runner answers, within the provider's deadline. Provider API
         errors that may pass (429, 5xx, the network) are ridden out inside the deadline."""
-        deadline = time.monotonic() + provider.provision_timeout_s
+        timeout = provider.provision_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout
         while True:
             self._check_cancel(job)
             try:
@@ -137,7 +145,7 @@ class ProvisionStage(OrchestratorBase):
             if result.status in (MachineStatus.FAILED, MachineStatus.GONE):
                 raise ProviderError(job.provider, f"the machine {handle.machine_id} is {result.status.value}: {result.detail}")
             if time.monotonic() > deadline:
-                raise ProviderError(job.provider, f"the machine was not ready within {provider.provision_timeout_s:.0f}s")
+                raise ProviderError(job.provider, f"the machine was not ready within {timeout:.0f}s")
             await asyncio.sleep(2.0)
         await self._save(job)
         await self._ensure_runner(job, provider, deadline)

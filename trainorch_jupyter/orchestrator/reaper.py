@@ -56,6 +56,8 @@ class Reaper(OrchestratorBase):
                 }
                 if (name, handle.machine_id) in live:
                     continue  # a live job's machine: its driver releases it
+                if not ours and not all_workspaces:
+                    continue  # another workspace's (its own jobs may be live): see all_workspaces
                 if yes and (ours or all_workspaces):
                     await asyncio.to_thread(self.store.add_reap, name, handle.machine_id,
                                             {"runner_url": None, "data": dict(handle.data),

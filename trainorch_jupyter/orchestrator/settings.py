@@ -39,3 +39,6 @@ RUNTIME_SLACK_S = 120.0
 #: RUNNER_IDLE_S, and RUNNER_RETENTION_S after the last request once the command has exited.
 RUNNER_IDLE_S = 900.0
 RUNNER_RETENTION_S = 1800.0
+
+#: ``--provider auto``: the whole provisioning (every offer tried) must end within this.
+AUTO_PROVISION_S = 30 * 60.0
