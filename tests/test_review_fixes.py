@@ -129,8 +129,12 @@ def test_download_button_stays_disabled_while_downloading(tmp_path: Path) -> Non
             panel.download_button.click()
             sched.tick()  # the flusher's next tick, while the download runs
             assert panel.download_button.disabled
-            wait_for(lambda: "verified in" in panel._action, timeout=60, what="the download")
-            sched.tick()
+            # The panel takes the download's end on its scheduler's tick (no thread blocks on it): tick until then.
+            def done() -> bool:
+                sched.tick()
+                return "verified in" in panel._action
+
+            wait_for(done, timeout=60, interval=0.1, what="the download")
             assert not panel.download_button.disabled
         finally:
             panel.close()
