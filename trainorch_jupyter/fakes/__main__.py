@@ -9,9 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import FAKES
+from . import FAKES, make_fake
 from .base import OpenAPIValidator, RateWindow
-from .runpod import RunPodFake
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,14 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     windows = [] if args.no_rate_limit else [RateWindow.parse(w) for w in args.rate_limits] if args.rate_limits else None
-    validator = OpenAPIValidator(args.spec) if args.spec else None
+    validator = getattr(FAKES[args.provider], "spec_validator", OpenAPIValidator)(args.spec) if args.spec else None
     extra_env = {}
     for item in args.env:
         key, sep, value = item.partition("=")
         if not sep or not key:
             ap.error(f"--env {item!r}: expected KEY=VALUE")
         extra_env[key] = value
-    fake = RunPodFake(host=args.host, port=args.port, api_keys=args.api_keys, rate_limits=windows,
+    fake = make_fake(args.provider, host=args.host, port=args.port, api_keys=args.api_keys, rate_limits=windows,
                       provision_s=args.provision_s, start_s=args.start_s, on_exit=args.on_exit,
                       work_dir=args.work_dir, validator=validator, extra_env=extra_env)
     fake.start()
