@@ -238,3 +238,186 @@ def test_rule_table_is_data() -> None:
     assert {"cuda_out_of_memory", "host_out_of_memory", "disk_full", "missing_module", "import_error",
             "file_not_found", "data_error", "nan_loss", "max_runtime_exceeded", "runner_unreachable",
             "provider_error", "integrity_error", "no_gpu", "permission_denied"} <= causes
+
+
+# --------------------------------------------------------------------------------------------
+# A custom command's failures, with the job's record: the user's paths, what the snapshot held
+# --------------------------------------------------------------------------------------------
+
+from pathlib import Path  # noqa: E402
+
+from trainorch_jupyter.checks import prepare  # noqa: E402
+from trainorch_jupyter.diagnose import PathMap, diagnose_job  # noqa: E402
+from trainorch_jupyter.model import Job, JobSpec, TrainerConfig  # noqa: E402
+
+JOB_ID = "miss-20260101-120000-abcdef"
+LOCAL_WORK = f".trainorch/machines/{JOB_ID}/work"
+REMOTE_STATE = "/root/.trainorch/job-0123456789abcdef/state"
+
+
+def _job(ws: Path, command: tuple[str, ...] = ("python", "miss.py"), *, provider: str = "local",
+         workdir: bool = True, **spec_kw: Any) -> Job:
+    """A job whose workdir snapshot of ``ws`` was really made (its manifest is on disk)."""
+    spec = JobSpec(name="miss", provider=provider, command=command, workdir=str(ws) if workdir else None, **spec_kw)
+    ready = prepare(spec, workspace=ws, remote=provider != "local")
+    return Job(id=JOB_ID, spec=ready.spec, provider=provider, exit_code=1,
+               snapshot=ready.snapshot.summary() if ready.snapshot else None)
+
+
+def _folder(tmp_path: Path) -> Path:
+    ws = tmp_path / "nb"
+    (ws / "data").mkdir(parents=True)
+    (ws / "train.py").write_text("import helper\n")
+    (ws / "data" / "table.csv").write_text("a\n1\n")
+    (ws / ".gitignore").write_text("*.parquet\nhelper.py\nbig/\n")
+    (ws / "helper.py").write_text("X = 1\n")
+    (ws / "small.parquet").write_bytes(b"PAR1")
+    with open(ws / "huge.parquet", "wb") as fh:  # sparse: 60 MB to the size check, nothing on disk
+        fh.truncate(60_000_000)
+    (tmp_path / "elsewhere.csv").write_text("x\n")
+    (ws / "outside.csv").symlink_to(tmp_path / "elsewhere.csv")
+    return ws
+
+
+def dj(job: Job, log: str, ws: Path, **kw: Any) -> dict[str, Any]:
+    out = diagnose_job(job, log, workspace=ws, **kw)
+    assert out is not None and out["suggestions"] and "{" not in out["summary"]
+    return out
+
+
+def test_machine_paths_are_shown_as_the_users(tmp_path: Path) -> None:
+    ws = _folder(tmp_path)
+    job = _job(ws, ("python3", "train.py"), provider="runpod",
+               train=None, inputs=(str(ws / "data" / "table.csv"),))
+    paths = PathMap.for_job(job, ws)
+    text = (f"python3: can't open file '{REMOTE_STATE}/work/miss.py': [Errno 2]\n"
+            f"reading {REMOTE_STATE}/inputs/table.csv, writing {REMOTE_STATE}/output/adapter/x.bin\n"
+            f"cwd={ws}/{LOCAL_WORK}")
+    assert paths.map(text) == ("python3: can't open file 'miss.py': [Errno 2]\n"
+                               f"reading {ws}/data/table.csv, writing $TRAINORCH_OUTPUT_DIR/adapter/x.bin\n"
+                               "cwd=.")
+    # A workdir below the notebook's folder is shown from there; without a record, the layout is still stripped.
+    sub = JobSpec(name="x", command=("true",), workdir=str(ws / "data"))
+    assert PathMap.for_job(Job(id="x", spec=sub), ws).map(f"{ws}/{LOCAL_WORK}/table.csv") == "data/table.csv"
+    assert PathMap().map(f"'{ws}/{LOCAL_WORK}/a/b.py'") == "'a/b.py'"
+
+
+def test_trainer_data_error_names_the_users_file(tmp_path: Path) -> None:
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n')
+    spec = JobSpec(name="t", provider="runpod", train=TrainerConfig(model="tiny", data="bad.jsonl"))
+    job = Job(id="t-1", spec=spec, provider="runpod", exit_code=2)
+    out = dj(job, f"loading data\nDataError: {REMOTE_STATE}/inputs/data.jsonl: line 2: malformed JSON: Expecting "
+                  "',' delimiter (column 15)\n", tmp_path)
+    assert out["cause"] == "data_error" and out["summary"].startswith("The training data is invalid: bad.jsonl line 2")
+    assert ".trainorch" not in out["evidence"]
+
+
+def test_a_missing_script_that_never_was_in_the_workdir(tmp_path: Path) -> None:
+    ws = _folder(tmp_path)
+    out = dj(_job(ws), f"/usr/bin/python3: can't open file '{ws}/{LOCAL_WORK}/miss.py': [Errno 2] No such file or "
+                       "directory\n", ws, )
+    assert out["cause"] == "file_not_found"
+    assert "miss.py: it is not in your workdir" in out["summary"] and ".trainorch" not in out["summary"]
+    assert ".trainorch" not in out["evidence"] and "'miss.py'" in out["evidence"]
+
+
+def test_a_file_left_out_by_gitignore_names_the_pattern_and_the_fix(tmp_path: Path) -> None:
+    ws = _folder(tmp_path)
+    log = TRACE + (f"  File \"{REMOTE_STATE}/work/train.py\", line 3, in <module>\n"
+                   "    df = pd.read_parquet('small.parquet')\n"
+                   "FileNotFoundError: [Errno 2] No such file or directory: 'small.parquet'\n")
+    out = dj(_job(ws, provider="runpod"), log, ws)
+    assert "left out of the workdir snapshot: ignored by .gitignore (pattern '*.parquet')" in out["summary"]
+    assert any("!small.parquet" in s and ".trainorchignore" in s for s in out["suggestions"])
+
+
+def test_a_big_ignored_file_is_said_too_big_and_sent_with_input(tmp_path: Path) -> None:
+    ws = _folder(tmp_path)
+    out = dj(_job(ws, provider="runpod"),
+             "FileNotFoundError: [Errno 2] No such file or directory: 'huge.parquet'\n", ws)
+    assert "60.0 MB, too big" in out["summary"]
+    assert any("--input huge.parquet" in s and "$TRAINORCH_INPUT_DIR/huge.parquet" in s for s in out["suggestions"])
+
+
+def test_a_file_outside_the_workdir(tmp_path: Path) -> None:
+    ws = _folder(tmp_path)
+    for missing in ("../shared/labels.csv", "/home/me/datasets/labels.csv"):
+        out = dj(_job(ws, provider="runpod"),
+                 f"FileNotFoundError: [Errno 2] No such file or directory: '{missing}'\n", ws)
+        assert "outside the workdir" in out["summary"] and missing in out["summary"]
+        assert any("--input" in s for s in out["suggestions"])
+    out = dj(_job(ws, provider="runpod"), "cat: outside.csv: No such file or directory\n", ws)
+    assert "symbolic link to outside the workdir" in out["summary"]
+
+
+def test_a_path_on_this_computer_inside_the_workdir(tmp_path: Path) -> None:
+    ws = _folder(tmp_path)
+    out = dj(_job(ws, provider="runpod"),
+             f"FileNotFoundError: [Errno 2] No such file or directory: '{ws}/data/table.csv'\n", ws)
+    assert "by its path on this computer" in out["summary"]
+    assert any("data/table.csv" in s and "relative" in s for s in out["suggestions"])
+
+
+def test_a_file_made_after_the_submit_and_a_job_without_a_workdir(tmp_path: Path) -> None:
+    ws = _folder(tmp_path)
+    job = _job(ws)
+    (ws / "late.csv").write_text("made later\n")
+    out = dj(job, "FileNotFoundError: [Errno 2] No such file or directory: 'late.csv'\n", ws)
+    assert "after the submit" in out["summary"]
+    bare = _job(ws, workdir=False)
+    out = dj(bare, "ls: cannot access 'train.py': No such file or directory\n", ws)
+    assert "no workdir was sent" in out["summary"] and any("--workdir" in s for s in out["suggestions"])
+
+
+@pytest.mark.parametrize(("module", "package"), [("sklearn", "scikit-learn"), ("cv2", "opencv-python"),
+                                                 ("PIL", "Pillow"), ("yaml", "PyYAML"), ("wandb", "wandb")])
+def test_missing_module_suggests_pip_with_the_package_that_provides_it(tmp_path: Path, module: str,
+                                                                        package: str) -> None:
+    ws = _folder(tmp_path)
+    log = TRACE + f"ModuleNotFoundError: No module named '{module}'\n"
+    remote = dj(_job(ws, provider="runpod"), log, ws)
+    assert remote["cause"] == "missing_module" and f"--pip {package}" in remote["suggestions"][0]
+    assert "--isolated" not in remote["suggestions"][0]
+    local = dj(_job(ws), log, ws)
+    assert f"--isolated --pip {package}" in local["suggestions"][0]
+
+
+def test_a_missing_module_of_ones_own_is_not_a_pip_package(tmp_path: Path) -> None:
+    ws = _folder(tmp_path)
+    out = dj(_job(ws, ("python", "train.py")), TRACE + "ModuleNotFoundError: No module named 'helper'\n", ws)
+    assert "your own (helper.py)" in out["summary"] and "ignored by .gitignore (pattern 'helper.py')" in out["summary"]
+    assert not any("--pip helper" in s for s in out["suggestions"])
+
+
+@pytest.mark.parametrize("line", [
+    "RuntimeError: Found no NVIDIA driver on your system. Please check that you have an NVIDIA GPU and installed a "
+    "driver from http://www.nvidia.com/Download/index.aspx",
+    "AssertionError: Torch not compiled with CUDA enabled",
+    "/bin/sh: 1: nvidia-smi: not found",
+])
+def test_no_gpu_on_local_says_this_machine(tmp_path: Path, line: str) -> None:
+    ws = _folder(tmp_path)
+    job = _job(ws)
+    job.exit_code = 127 if "nvidia-smi" in line else 1
+    out = dj(job, TRACE + line + "\n", ws)
+    assert out["cause"] == "no_gpu" and "this machine" in out["summary"]
+    assert any("--provider runpod" in s for s in out["suggestions"])
+    remote = _job(ws, provider="runpod")
+    remote.exit_code = job.exit_code
+    assert "this machine" not in dj(remote, TRACE + line + "\n", ws)["summary"]
+
+
+@pytest.mark.parametrize(("log", "cmd"), [
+    ("/bin/sh: 9: exec: pythn: not found\n", "pythn"),
+    ("bash: line 1: torchrun: command not found\n", "torchrun"),
+    ("zsh:1: command not found: accelerate\n", "accelerate"),
+    ("trainorch-runner: could not start the command: [Errno 2] No such file or directory: 'pythn'\n", "pythn"),
+])
+def test_command_not_found_names_the_command(tmp_path: Path, log: str, cmd: str) -> None:
+    ws = _folder(tmp_path)
+    job = _job(ws, (cmd, "x"), provider="runpod")
+    job.exit_code = 127
+    out = dj(job, log, ws)
+    assert out["cause"] == "command_not_found" and f"'{cmd}'" in out["summary"]
+    if cmd == "torchrun":
+        assert any("--pip torch" in s for s in out["suggestions"])

@@ -7,19 +7,211 @@ suggestions are format strings filled from the pattern's named groups.
 
 Evidence is a log line that is already in the job's log; it is cut to a few hundred characters and anything that
 looks like a credential (``Bearer ...``, ``api_key=...``) is masked anyway.
+
+Paths the user knows: a path on the machine (the runner's ``.../work/...``, ``.../inputs/<name>``,
+``.../output/...``) is shown as the user's own (``miss.py``, ``bad.jsonl``, ``$TRAINORCH_OUTPUT_DIR/...``) through
+a :class:`PathMap` made from the job's record (:meth:`PathMap.for_job`); without one, a generic map still strips
+the runner's layout. With the job's workdir snapshot at hand, a file not found says whether it was left out of
+the snapshot (and by which ignore pattern), outside the workdir, or made after the submit.
 """
 
 from __future__ import annotations
 
+import json
+import posixpath
 import re
 import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-__all__ = ["RULES", "Facts", "Rule", "diagnose"]
+from .model import Job
+
+__all__ = ["RULES", "Facts", "PathMap", "Rule", "diagnose", "diagnose_job"]
 
 _EVIDENCE_MAX = 300
+
+
+# --------------------------------------------------------------------------------------------
+# Paths the user knows
+# --------------------------------------------------------------------------------------------
+
+# A path in the runner's layout on any machine: ``<workspace>/.trainorch/machines/<job>/{work,inputs,output}``
+# (local) or ``~/.trainorch/<job dir>/state/{work,inputs,output}`` (a remote machine's stage-0).
+_MACHINE_PATH = re.compile(r"""(?:[^\s'"(=]*?/)?\.trainorch/(?:machines/[^/\s'"]+|[^/\s'"]+/state)/"""
+                           r"""(?P<kind>work|inputs|output)(?P<rest>(?:/[^\s'",:;)]*)?)""")
+BIG_FILE_BYTES = 50_000_000  # a file left out of the snapshot this big is better sent with --input
+
+
+@dataclass
+class PathMap:
+    """How to show a job's machine paths as the user's own, and what its workdir snapshot held."""
+
+    workdir: str | None = None  # the user's folder sent as the snapshot (absolute), None when none was
+    shown_workdir: str = ""  # how the workdir is shown ("" when it is the notebook's folder)
+    inputs: dict[str, str] = field(default_factory=dict)  # name on the machine -> the user's path as given
+    manifest: dict[str, Any] | None = None  # the snapshot's manifest (files, left_out)
+    provider: str | None = None
+    remote: bool = False
+    command: tuple[str, ...] = ()  # the user's command (or empty for the trainer)
+
+    @classmethod
+    def for_job(cls, job: Job, workspace: Path | str | None = None) -> PathMap:
+        spec = job.spec
+        inputs = {Path(p).expanduser().name: p for p in spec.inputs}
+        if spec.train is not None:
+            inputs[spec.train.data_input_name] = spec.train.data
+        from .model import SNAPSHOT_INPUT_NAME
+
+        inputs[SNAPSHOT_INPUT_NAME] = "the workdir snapshot"
+        ws = Path(workspace).resolve() if workspace is not None else None
+        shown = ""
+        if spec.workdir is not None and ws is not None:
+            wd = Path(spec.workdir)
+            if wd != ws:
+                try:
+                    shown = wd.relative_to(ws).as_posix()
+                except ValueError:
+                    shown = str(wd)
+        manifest = None
+        snap_info = job.snapshot or {}
+        sha = spec.snapshot or snap_info.get("sha256")
+        if sha:
+            candidates = [snap_info.get("manifest")]
+            if ws is not None:
+                candidates.append(str(ws / ".trainorch" / "snapshots" / f"{sha}.json"))
+            for candidate in candidates:
+                if not candidate:
+                    continue
+                try:
+                    data = json.loads(Path(candidate).read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    continue
+                if isinstance(data, dict) and data.get("sha256") == sha:
+                    manifest = data
+                    break
+        return cls(workdir=spec.workdir, shown_workdir=shown, inputs=inputs, manifest=manifest,
+                   provider=job.provider, remote=job.provider != "local",
+                   command=tuple(spec.command or ()))
+
+    def user_path(self, rel: str) -> str:
+        """A path relative to the workdir, as the user sees it from the notebook's folder."""
+        rel = rel.strip("/") or "."
+        if not self.shown_workdir:
+            return rel
+        return self.shown_workdir if rel == "." else f"{self.shown_workdir}/{rel}"
+
+    def map(self, text: str) -> str:
+        """``text`` with every machine path replaced by the user's."""
+        if ".trainorch/" not in text:
+            return text
+
+        def repl(m: re.Match[str]) -> str:
+            kind, rest = m.group("kind"), m.group("rest") or ""
+            if kind == "work":
+                return self.user_path(rest)
+            if kind == "inputs":
+                name, _, more = rest.lstrip("/").partition("/")
+                if not name:
+                    return "$TRAINORCH_INPUT_DIR"
+                return self.inputs.get(name, f"$TRAINORCH_INPUT_DIR/{name}") + (f"/{more}" if more else "")
+            return "$TRAINORCH_OUTPUT_DIR" + rest
+
+        return _MACHINE_PATH.sub(repl, text)
+
+    # -- what the snapshot held ---------------------------------------------------------------
+
+    def why_missing(self, path: str) -> tuple[str, list[str]] | None:
+        """Why ``path`` (a user path, as :meth:`map` shows it) was not on the machine, and what to do; None when
+        nothing is known about the job's files."""
+        if path.startswith("$TRAINORCH_INPUT_DIR"):
+            return ("it is not among the job's inputs", [
+                "Send the file with --input PATH (it lands in $TRAINORCH_INPUT_DIR), or keep it in the workdir "
+                "and read it by its path relative to it."])
+        if self.workdir is None:
+            return ("no workdir was sent with this job (--no-workdir, or a trainer job without --workdir), so the "
+                    "command ran in an empty folder", [
+                        "Send your folder with --workdir DIR (the notebook's folder by default for a command), or "
+                        "the file with --input PATH."])
+        root = self.workdir.rstrip("/")
+        absolute_here = False
+        if path.startswith("/"):
+            if path == root or path.startswith(root + "/"):
+                rel = path[len(root):].strip("/")
+                absolute_here = True
+            else:
+                return (f"it is outside the workdir {self._shown_root()}, and only the workdir is sent", [
+                    f"Move it into the workdir ({self._shown_root()}) and use a path relative to it, or send it with "
+                    "--input PATH (it lands in $TRAINORCH_INPUT_DIR), or choose a larger --workdir."])
+        else:
+            rel = posixpath.normpath(path[len(self.shown_workdir) + 1:] if self.shown_workdir and
+                                     path.startswith(self.shown_workdir + "/") else path)
+            if rel == ".." or rel.startswith("../"):
+                return (f"it is outside the workdir {self._shown_root()}, and only the workdir is sent", [
+                    "Move it into the workdir and use a path relative to it, or send it with --input PATH, or "
+                    "choose a larger --workdir."])
+        if self.manifest is None:
+            return None
+        files = {f.get("path") for f in self.manifest.get("files", []) if isinstance(f, dict)}
+        if rel in files:
+            if absolute_here:
+                return ("the command names it by its path on this computer", [
+                    f"Use the path relative to the workdir ({rel}): the workdir is the command's working "
+                    "directory on the machine."])
+            return ("it was in the snapshot, but the command looked for it from another folder", [
+                f"The command runs in the workdir's root on the machine: open it as {rel}."])
+        for lo in self.manifest.get("left_out", []):
+            lo_path = str(lo.get("path", ""))
+            if rel == lo_path.rstrip("/") or (lo_path.endswith("/") and rel.startswith(lo_path)):
+                reason = str(lo.get("reason", "left out"))
+                size = lo.get("size")
+                what = f"it was left out of the workdir snapshot: {reason}"
+                tips = []
+                if isinstance(size, int) and size >= BIG_FILE_BYTES:
+                    what += f"; it is {_human(size)}, too big to travel comfortably in the snapshot"
+                    tips.append(f"Send it with --input {self.user_path(rel)} and read it from "
+                                f"$TRAINORCH_INPUT_DIR/{posixpath.basename(rel)}.")
+                if reason.startswith("ignored by"):
+                    target = lo_path if lo_path.endswith("/") else rel
+                    tips.append(f"To send it, add the line !{target} to .trainorchignore in the workdir (it wins "
+                                "over .gitignore).")
+                elif "symbolic link" in reason:
+                    tips.append("Copy the file into the workdir instead of linking to it, or send it with --input.")
+                else:
+                    tips.append("Send it with --input PATH, or move it out of that folder.")
+                return what, tips
+        here = Path(root) / rel
+        if here.exists():
+            return ("it was made in your workdir after the submit; the job has the workdir as it was then", [
+                "Submit again to send the workdir as it is now."])
+        return (f"it is not in your workdir {self._shown_root()} (and was not at submit)", [
+            "Check the file's name and folder; paths are relative to the workdir, the command's working "
+            "directory on the machine."])
+
+    def own_module(self, module: str) -> str | None:
+        """The user's file that provides the top-level ``module`` (``helper.py``, ``pkg/``), if the workdir had one."""
+        if self.workdir is None:
+            return None
+        top = module.split(".")[0]
+        for candidate in (f"{top}.py", f"{top}/__init__.py", top):
+            if (Path(self.workdir) / candidate).exists():
+                return candidate
+        if self.manifest is not None:
+            for lo in self.manifest.get("left_out", []):
+                if str(lo.get("path", "")).rstrip("/") in (f"{top}.py", top):
+                    return str(lo["path"]).rstrip("/")
+        return None
+
+    def _shown_root(self) -> str:
+        return self.shown_workdir or "(the notebook's folder)"
+
+
+def _human(n: int) -> str:
+    from .snapshot import human_size
+
+    return human_size(n)
+
 
 
 @dataclass(frozen=True)
@@ -29,6 +221,7 @@ class Facts:
     error: str | None
     timed_out: bool
     cancelled: bool
+    paths: PathMap | None = None
 
     @property
     def signal(self) -> int | None:
@@ -60,7 +253,8 @@ class Rule:
     sources: tuple[str, ...] = ("log", "error")
     when: Callable[[Facts], bool] | None = None
     fact: str = ""
-    enrich: Callable[[dict[str, str], str], dict[str, str]] | None = field(default=None, compare=False)
+    # ``enrich(groups, line, facts)`` -> more fields; a "suggestions" list in its answer replaces the rule's.
+    enrich: Callable[[dict[str, str], str, Facts], dict[str, Any]] | None = field(default=None, compare=False)
 
 
 def _p(regex: str) -> re.Pattern[str]:
@@ -96,7 +290,7 @@ _PIP_NAMES = {
 _TRAIN_EXTRA = {"torch", "transformers", "peft", "safetensors", "tokenizers", "accelerate"}
 
 
-def _module_fields(groups: dict[str, str], line: str) -> dict[str, str]:
+def _module_fields(groups: dict[str, str], line: str, facts: Facts) -> dict[str, Any]:
     module = groups.get("module") or ""
     top = module.split(".")[0]
     pkg = _PIP_NAMES.get(module) or _PIP_NAMES.get(top) or top
@@ -106,10 +300,29 @@ def _module_fields(groups: dict[str, str], line: str) -> dict[str, str]:
     else:
         install = f"pip install {pkg}"
         where = ""
-    return {"module": module, "package": pkg, "install": install, "where": where}
+    out: dict[str, Any] = {"module": module, "package": pkg, "install": install, "where": where}
+    paths = facts.paths
+    own = paths.own_module(module) if paths is not None else None
+    if paths is not None and own is not None:
+        why = paths.why_missing(own)
+        reason = why[0] if why else "it was not in the workdir snapshot"
+        out["summary"] = f"The module '{module}' is your own ({own}), but the job did not have it: {reason}."
+        out["suggestions"] = [*(why[1] if why else []),
+                              "Your modules are found when they sit in the workdir beside the script that imports "
+                              "them (the workdir is the working directory on the machine)."]
+        return out
+    local = paths is not None and not paths.remote
+    flag = f"--isolated --pip {pkg}" if local else f"--pip {pkg}"
+    out["suggestions"] = [
+        f"Install it on the training machine: add {flag} to %train submit (or a line '{pkg}' in a requirements.txt "
+        f"beside your code{', installed on local with --isolated' if local else ''}); by hand: {install}{where}.",
+        "On a rented GPU, an image that has it (--image) saves the install time.",
+        "Check that the job runs the Python you expect (a virtualenv's python, not the system one).",
+    ]
+    return out
 
 
-def _oom_fields(groups: dict[str, str], line: str) -> dict[str, str]:
+def _oom_fields(groups: dict[str, str], line: str, facts: Facts) -> dict[str, Any]:
     detail = ""
     tried = _OOM_TRIED.search(line)
     if tried:
@@ -121,10 +334,62 @@ def _oom_fields(groups: dict[str, str], line: str) -> dict[str, str]:
     return {"detail": detail}
 
 
-def _import_fields(groups: dict[str, str], line: str) -> dict[str, str]:
+def _import_fields(groups: dict[str, str], line: str, facts: Facts) -> dict[str, Any]:
     if groups.get("name"):
         return {"what": f"'{groups['name']}' from '{groups['module']}'", "upgrade": groups["module"].split(".")[0]}
     return {"what": groups.get("text") or "", "upgrade": "the library named above"}
+
+
+def _file_fields(groups: dict[str, str], line: str, facts: Facts) -> dict[str, Any]:
+    path = groups.get("path") or groups.get("path2") or groups.get("path3") or ""
+    out: dict[str, Any] = {"path": path, "why": ""}
+    paths = facts.paths
+    if paths is None:
+        return out
+    why = paths.why_missing(path)
+    if why is not None:
+        out["why"] = f": {why[0]}"
+        out["suggestions"] = why[1]
+    return out
+
+
+# Commands that come with a pip package (the package to add with --pip).
+_COMMAND_PIP = {"torchrun": "torch", "accelerate": "accelerate", "deepspeed": "deepspeed", "wandb": "wandb",
+                "huggingface-cli": "huggingface_hub", "hf": "huggingface_hub", "tensorboard": "tensorboard",
+                "jupyter": "jupyter", "pytest": "pytest", "ipython": "ipython", "mlflow": "mlflow"}
+
+
+def _command_fields(groups: dict[str, str], line: str, facts: Facts) -> dict[str, Any]:
+    cmd = groups.get("cmd") or groups.get("cmd2") or groups.get("cmd3") or groups.get("cmd4") or "?"
+    name = cmd.rsplit("/", 1)[-1]
+    local = facts.paths is not None and not facts.paths.remote
+    tips = []
+    if name in _COMMAND_PIP:
+        pkg = _COMMAND_PIP[name]
+        tips.append(f"'{name}' comes with the pip package {pkg}: add --pip {pkg} to the submit"
+                    f"{' (with --isolated on local)' if local else ''}, or call it through python -m.")
+    if name == "python":
+        tips.append("Many images have only python3: write python3 in the command.")
+    if "/" in cmd or name.endswith((".sh", ".py")):
+        tips.append("A script of yours must be in the workdir (it is sent with it) and run through its "
+                    f"interpreter (sh {name} or python {name}) unless it is executable.")
+    tips += ["Check the spelling of the program in the command, or give its full path.",
+             "On a rented machine, use an image that has it (--image)."]
+    return {"cmd": cmd, "suggestions": tips}
+
+
+def _gpu_fields(groups: dict[str, str], line: str, facts: Facts) -> dict[str, Any]:
+    if facts.paths is None or facts.paths.remote:
+        return {}
+    return {
+        "summary": "The job needed a CUDA GPU, but this machine has none that works (the local provider runs the "
+                   "job here).",
+        "suggestions": [
+            "Train on the CPU here (--device cpu, or auto), slowly, or rent a GPU: --provider runpod --gpu 'RTX 4090'.",
+            "If this machine has an NVIDIA GPU, check its driver (nvidia-smi) and that torch is a CUDA build "
+            "(torch.version.cuda is not None).",
+        ],
+    }
 
 
 _SIZE = r"\d+(?:\.\d+)?\s*[KMGT]i?B"
@@ -254,8 +519,9 @@ RULES: tuple[Rule, ...] = (
         pattern=_p(r"CUDA is not available|no CUDA GPUs? (?:is |are )?available|Torch not compiled with CUDA|"
                    r"Found no NVIDIA driver|NVIDIA driver on your system is too old|CUDA driver version is "
                    r"insufficient|NVIDIA-SMI has failed|no kernel image is available for execution|"
-                   r"--device cuda: no CUDA"),
+                   r"--device cuda: no CUDA|nvidia-smi: (?:command )?not found"),
         sources=("log",),
+        enrich=_gpu_fields,
         summary="The job needed a CUDA GPU but none was usable where it ran.",
         suggestions=(
             "Use device='auto' (or 'cpu') to train without a GPU, slowly, on this machine.",
@@ -277,26 +543,35 @@ RULES: tuple[Rule, ...] = (
         ),
     ),
     Rule(
+        cause="command_not_found",
+        pattern=re.compile(r"could not start the command: \[Errno \d+\] [^:']*: '(?P<cmd>[^']+)'"),
+        enrich=_command_fields,
+        summary="The command '{cmd}' could not be started: it was not found on the machine.",
+        suggestions=(),
+    ),
+    Rule(
         cause="file_not_found",
-        pattern=re.compile(r"(?:FileNotFoundError|OSError): \[Errno 2\] No such file or directory: "
-                           r"'(?P<path>[^']+)'"),
-        summary="A file the job needs was not found: {path}.",
+        pattern=re.compile(r"can't open file '(?P<path>[^']+)'|"
+                           r"(?:FileNotFoundError|OSError|IOError): \[Errno 2\] No such file or directory: "
+                           r"'(?P<path2>[^']+)'|"
+                           r"^[\w./-]+: (?:\d+: )?(?:cannot (?:open|access) )?'?(?P<path3>[^':\n]+?)'?: No such file"),
+        enrich=_file_fields,
+        summary="A file the job needs was not found: {path}{why}.",
         suggestions=(
-            "Local files must be listed in the spec's inputs; they are uploaded to $TRAINORCH_INPUT_DIR on "
-            "the machine (read them from there, not from your notebook's path).",
-            "Check the path relative to the job's working dir ($TRAINORCH_OUTPUT_DIR/../work by default).",
+            "The files of your workdir (the notebook's folder, or --workdir DIR) are sent with the job, and the "
+            "command runs in it on the machine: open them by paths relative to it.",
+            "Other local files: send them with --input PATH (the spec's inputs); they land in $TRAINORCH_INPUT_DIR "
+            "on the machine.",
         ),
     ),
     Rule(
         cause="command_not_found",
-        pattern=_p(r"(?P<cmd>[\w./-]+): (?:command )?not found|exec: \"?(?P<cmd2>[\w./-]+)\"?: executable file "
-                   r"not found"),
+        pattern=_p(r"(?P<cmd>[\w./-]+): (?:command )?not found(?!:)|exec: \"?(?P<cmd2>[\w./-]+)\"?: executable file "
+                   r"not found|command not found: (?P<cmd3>[\w./-]+)"),
         when=lambda f: f.exit_code in (126, 127),
-        summary="The command could not be started: it was not found on the machine.",
-        suggestions=(
-            "Check the spelling of the program in the command, or give its full path.",
-            "Install it in the image (resources.image) or call it through python -m.",
-        ),
+        enrich=_command_fields,
+        summary="The command '{cmd}' could not be started: it was not found on the machine.",
+        suggestions=(),
     ),
     Rule(
         cause="permission_denied",
@@ -420,26 +695,33 @@ def _render(rule: Rule, facts: Facts, groups: Mapping[str, str | None], line: st
     values: dict[str, Any] = _Fill({k: v for k, v in groups.items() if v is not None})
     values.setdefault("exit_code", "" if facts.exit_code is None else facts.exit_code)
     values.setdefault("signal_name", _signal_name(facts.signal))
+    summary = None
+    suggestions: list[str] | None = None
     if rule.enrich is not None:
-        values.update(rule.enrich({k: str(v) for k, v in values.items()}, line))
+        extra = dict(rule.enrich({k: str(v) for k, v in values.items()}, line, facts))
+        summary = extra.pop("summary", None)  # already written out: not a template
+        suggestions = extra.pop("suggestions", None)
+        values.update(extra)
     evidence = line or rule.fact.format_map(values)
+    shown = [s.format_map(values) for s in rule.suggestions] if suggestions is None else list(suggestions)
     return {
         "cause": rule.cause,
-        "summary": _mask(rule.summary.format_map(values)),
-        "suggestions": [_mask(s.format_map(values)) for s in rule.suggestions],
+        "summary": _mask(summary if summary is not None else rule.summary.format_map(values)),
+        "suggestions": [_mask(s) for s in shown if s],
         "evidence": _evidence(evidence),
     }
 
 
 def diagnose(*, exit_code: int | None, log_tail: str, error: str | None = None, timed_out: bool = False,
-             cancelled: bool = False) -> dict[str, Any] | None:
+             cancelled: bool = False, paths: PathMap | None = None) -> dict[str, Any] | None:
     """The most likely cause of a failed job, or None when nothing failed (or the user cancelled it).
 
     Returns ``{"cause": short id, "summary": one sentence, "suggestions": [actions], "evidence": the log line
     or fact that matched}``.
     """
-    facts = Facts(exit_code=exit_code, log_tail=log_tail or "", error=error or None, timed_out=timed_out,
-                  cancelled=cancelled)
+    shown = paths if paths is not None else PathMap()
+    facts = Facts(exit_code=exit_code, log_tail=shown.map(log_tail or ""), error=shown.map(error) if error else None,
+                  timed_out=timed_out, cancelled=cancelled, paths=paths)
     if cancelled and not timed_out:
         return None
     if not (_failed(facts) or timed_out):
@@ -455,6 +737,14 @@ def diagnose(*, exit_code: int | None, log_tail: str, error: str | None = None, 
             m, line = found
             return _render(rule, facts, m.groupdict(), line)
     return _generic(facts)
+
+
+def diagnose_job(job: Job, log_tail: str, *, error: str | None = None, timed_out: bool = False,
+                 workspace: Path | str | None = None) -> dict[str, Any] | None:
+    """:func:`diagnose` for a job's record: its paths shown as the user's, its snapshot consulted."""
+    return diagnose(exit_code=job.exit_code, log_tail=log_tail, error=error if error is not None else job.error,
+                    timed_out=timed_out, cancelled=job.state.value == "CANCELLED",
+                    paths=PathMap.for_job(job, workspace))
 
 
 def _generic(facts: Facts) -> dict[str, Any]:

@@ -36,8 +36,8 @@ from .model import (
 from .orchestrator import JobHandle, Orchestrator, get_orchestrator
 from .store import tail_lines
 
-SUBCOMMANDS = ("submit", "status", "logs", "cancel", "list", "download", "panel", "dashboard", "keys", "cleanup",
-               "offers")
+SUBCOMMANDS = ("submit", "rerun", "status", "logs", "cancel", "list", "download", "panel", "dashboard", "keys",
+               "cleanup", "offers")
 DOWNLOAD_TIMEOUT_S = 600.0  # %train download gives up (and stops the download) after this long by default
 _WAIT_SLICE_S = 0.25  # a wait in the kernel's main thread is cut in slices like this (Ctrl-C is seen at once)
 
@@ -90,6 +90,18 @@ def _common_submit_arguments(fn: Callable[..., Any]) -> Callable[..., Any]:
                         "help": "RunPod's cloud: secure (default) or community (cheaper, hosts of others)"}),
         (("--image",), {"default": None, "help": "container image for cloud providers (default: a PyTorch CUDA image)"}),
         (("--no-download",), {"action": "store_true", "help": "do not download the artifacts automatically"}),
+        (("--workdir",), {"default": None, "metavar": "DIR",
+                          "help": "the folder sent with the job and its working directory on the machine (default for "
+                                  "a command: the notebook's folder; .gitignore and .trainorchignore are respected)"}),
+        (("--no-workdir",), {"action": "store_true", "help": "send no folder: the command runs in an empty one"}),
+        (("--pip",), {"action": "append", "default": [], "metavar": "PKG",
+                      "help": "a package to pip-install on the machine before the command (repeatable; a "
+                              "requirements.txt in the workdir is installed too); on local only with --isolated"}),
+        (("--isolated",), {"action": "store_true",
+                           "help": "a virtual environment of the job's own for its packages (on local: never the "
+                                   "kernel's environment)"}),
+        (("--dry-run",), {"action": "store_true",
+                          "help": "check the job and print what would be sent and run; create nothing"}),
     ]
     for flags, kw in reversed(opts):
         fn = argument(*flags, **kw)(fn)
@@ -104,9 +116,22 @@ def _submit_parser(line: str) -> None:
     """%train submit [options] [-- COMMAND ...]
 
     Start a job and return its handle at once. Without a command after ``--`` it runs the built-in
-    LoRA trainer (--model and --data are then required). The command finds its uploaded inputs in
-    $TRAINORCH_INPUT_DIR and writes what should come back into $TRAINORCH_OUTPUT_DIR.
+    LoRA trainer (--model and --data are then required). A command runs in the workdir (the notebook's
+    folder, as it is now, sent with the job); it finds its --input files in $TRAINORCH_INPUT_DIR and writes
+    what should come back into $TRAINORCH_OUTPUT_DIR. The data, the model name and the workdir's size are
+    checked before anything is created or billed.
     """
+
+
+@magic_arguments()
+@argument("job", nargs="?", default=None, help="job id or unique prefix (default: the most recent job)")
+@argument("--provider", "-p", default=None, help="run it on another provider (default: the same)")
+@argument("--name", "-n", default=None, help="a new job name (default: the same)")
+@argument("--wait", "-w", action="store_true", help="block this cell until the job ends")
+@argument("--dry-run", action="store_true", help="check and print what would be sent; create nothing")
+def _rerun_parser(line: str) -> None:
+    """%train rerun [JOB] [--provider P] -- submit a job again from its record: the same workdir snapshot (not
+    the folder as it is now), command or trainer options, packages and inputs (refused if an input changed)."""
 
 
 @magic_arguments()
@@ -192,6 +217,7 @@ def _offers_parser(line: str) -> None:
 
 _PARSERS: dict[str, Callable[..., Any]] = {
     "submit": _submit_parser,
+    "rerun": _rerun_parser,
     "status": _status_parser,
     "logs": _logs_parser,
     "cancel": _cancel_parser,
@@ -217,7 +243,8 @@ def _overview() -> str:
     for fn in _PARSERS.values():
         parts.append(fn.parser.format_help())  # type: ignore[attr-defined]
     parts.append("%%train submit [options]\n  The cell body is the job spec as YAML or TOML (keys: name, provider, "
-                 "command, train, inputs, resources, env, max_runtime, auto_download).\n")
+                 "command, train, inputs, resources, env, max_runtime, auto_download, workdir, pip, isolated, "
+                 "workdir_max_mb).\n")
     return "\n".join(parts)
 
 
@@ -245,8 +272,12 @@ def _safe_name(text: str) -> str:
     return (out or "job")[:24].strip("-") or "job"
 
 
-def spec_from_args(args: Any, command: list[str] | None, base: dict[str, Any] | None = None) -> JobSpec:
-    """A JobSpec from parsed ``%train submit`` options (over an optional cell-body spec)."""
+def spec_from_args(args: Any, command: list[str] | None, base: dict[str, Any] | None = None, *,
+                   workspace: Path | str | None = None) -> JobSpec:
+    """A JobSpec from parsed ``%train submit`` options (over an optional cell-body spec).
+
+    A command sends ``workspace`` (the notebook's folder) as its workdir unless ``--workdir``/``--no-workdir``
+    (or the cell's ``workdir``) say otherwise; the trainer sends one only when asked."""
     data: dict[str, Any] = dict(base or {})
     train: dict[str, Any] = dict(data.get("train") or {})
     for key in ("model", "data", "steps", "epochs", "lr", "lr_schedule", "warmup_steps", "batch_size", "grad_accum",
@@ -307,6 +338,21 @@ def spec_from_args(args: Any, command: list[str] | None, base: dict[str, Any] | 
         data["auto_download"] = False
     if not data.get("command") and not data.get("train"):
         raise SpecError("command", "nothing to run: give --model and --data for the LoRA trainer, or a command after --")
+    no_workdir = bool(getattr(args, "no_workdir", False))
+    workdir = getattr(args, "workdir", None)
+    if no_workdir and workdir is not None:
+        raise SpecError("--workdir", "give --workdir DIR or --no-workdir, not both")
+    if no_workdir:
+        data["workdir"] = None
+    elif workdir is not None:
+        data["workdir"] = workdir
+    elif "workdir" not in data and data.get("command") and workspace is not None:
+        data["workdir"] = str(workspace)
+    pip = list(getattr(args, "pip", None) or [])
+    if pip:
+        data["pip"] = [*list(data.get("pip") or []), *pip]
+    if getattr(args, "isolated", False):
+        data["isolated"] = True
     return JobSpec.from_dict(data)
 
 
@@ -328,21 +374,77 @@ def parse_spec_text(text: str) -> dict[str, Any]:
     raise SpecError("cell", f"the spec is neither a YAML mapping nor TOML (YAML: {yaml_error or 'not a mapping'}; TOML: {toml_error})")
 
 
-def _format_job(job: Job) -> str:
+def _format_job(job: Job, workspace: Path | None = None) -> str:
+    from .diagnose import PathMap
+
+    paths = PathMap.for_job(job, workspace)
     lines = [f"job       {job.id}", f"provider  {job.provider}", f"state     {job.state.value}"]
     if job.elapsed_s is not None:
         lines.append(f"elapsed   {job.elapsed_s:.1f}s")
     if job.exit_code is not None:
         lines.append(f"exit code {job.exit_code}")
     if job.error:
-        lines.append("error     " + job.error.replace("\n", "\n          "))
+        lines.append("error     " + paths.map(job.error).replace("\n", "\n          "))
     if job.diagnosis:
-        lines.append(f"diagnosis {job.diagnosis.get('summary', '')}")
+        lines.append(f"diagnosis {paths.map(str(job.diagnosis.get('summary', '')))}")
         for s in job.diagnosis.get("suggestions", []):
-            lines.append(f"          - {s}")
+            lines.append(f"          - {paths.map(str(s))}")
+    lines += _format_record(job, workspace)
     for a in job.artifacts:
         lines.append(f"artifact  {a.name}  {a.size_bytes} B  sha256 {a.hash_sha256}  -> {a.path}")
     return "\n".join(lines)
+
+
+def _format_record(job: Job, workspace: Path | None) -> list[str]:
+    """The reproducible record's lines of ``%train status``: what was sent and installed, what ran."""
+    from .snapshot import human_size
+
+    spec, lines = job.spec, []
+    snap = job.snapshot or ({"sha256": spec.snapshot} if spec.snapshot else None)
+    if spec.workdir is not None and snap:
+        shown = spec.workdir
+        if workspace is not None:
+            with contextlib.suppress(ValueError):
+                shown = Path(spec.workdir).relative_to(workspace).as_posix()
+        size = f", {human_size(int(snap['size']))}" if isinstance(snap.get("size"), int) else ""
+        files = f"{snap['files']} files" if "files" in snap else "files"
+        lines.append(f"workdir   {shown}: {files}{size}, snapshot sha256 {snap.get('sha256')}")
+    if spec.command is not None:
+        lines.append("command   " + " ".join(shlex.quote(a) for a in spec.command))
+    if job.packages:
+        requested = job.packages.get("requested") or []
+        installed = job.packages.get("packages") or {}
+        pinned = [f"{name}=={installed[name]}" for name in _requested_names(requested, installed)]
+        lines.append(f"packages  python {job.packages.get('python', '?')}, {len(installed)} installed"
+                     + (f"; asked for: {' '.join(requested)}" if requested else "")
+                     + (f" -> {' '.join(pinned)}" if pinned else ""))
+    elif spec.pip:
+        lines.append("packages  asked for: " + " ".join(spec.pip))
+    if job.gpu or job.price_per_hour:
+        price = f", ${job.price_per_hour:.2f}/h" if job.price_per_hour else ""
+        lines.append(f"machine   {job.gpu or 'no GPU'}{price}")
+    return lines
+
+
+def _requested_names(requested: list[str], installed: dict[str, Any]) -> list[str]:
+    """The installed names of what was asked for (``scikit-learn>=1`` -> ``scikit-learn``; a wheel's file name
+    -> its project), matched as pip does (case, '-', '_' and '.' alike)."""
+    import re
+
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    by_norm = {norm(k): k for k in installed}
+    out = []
+    for req in requested:
+        base = req.rstrip("/").rsplit("/", 1)[-1]
+        if base.endswith(".whl"):
+            base = base.split("-")[0]
+        m = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*?)(?:[<>=!~;\[ ]|$)", base)
+        key = by_norm.get(norm(m.group(1))) if m else None
+        if key and key not in out:
+            out.append(key)
+    return out
 
 
 def _format_table(jobs: list[Job]) -> str:
@@ -434,11 +536,48 @@ class TrainMagics(Magics):
         if args is None:
             return None
         base = parse_spec_text(cell) if cell is not None else None
-        spec = spec_from_args(args, command, base)
-        handle = self.orch.submit(spec)
-        if args.wait:
+        orch = self.orch
+        spec = spec_from_args(args, command, base, workspace=orch.workspace)
+        return self._submit_checked(spec, wait=args.wait, dry_run=args.dry_run)
+
+    def _submit_checked(self, spec: JobSpec, *, wait: bool, dry_run: bool) -> Any:
+        """Check everything that can be checked here before anything is stored, created or billed (the spec, the
+        provider's key, the data, the model name, the workdir's size), make the snapshot, then submit."""
+        from .checks import describe, prepare
+
+        orch = self.orch
+        spec = orch.validate(spec)
+        remote = spec.provider == "auto" or bool(getattr(orch.provider(spec.provider), "remote", False))
+        prepared = prepare(spec, workspace=orch.workspace, remote=remote, pack=not dry_run)
+        if dry_run:
+            print(describe(prepared, provider=spec.provider, remote=remote, workspace=orch.workspace))
+            return None
+        for note in prepared.notes:
+            print(f"note: {note}", file=sys.stderr)
+        handle = orch.submit(prepared.spec)
+        if wait:
             self._wait(handle)
         return handle
+
+    def _do_rerun(self, rest: str, cell: str | None) -> Any:
+        import dataclasses
+
+        args = _parse("rerun", rest)
+        if args is None:
+            return None
+        job = self.orch.job(args.job).record
+        spec = job.spec
+        if spec.workdir is not None and spec.snapshot is None and job.snapshot and job.snapshot.get("sha256"):
+            spec = dataclasses.replace(spec, snapshot=str(job.snapshot["sha256"]))
+        if args.provider and args.provider != spec.provider:
+            resources = spec.resources
+            if args.provider == "local":  # what only a cloud machine has does not follow the job here
+                resources = Resources(gpu_count=resources.gpu_count, disk_gb=resources.disk_gb)
+            spec = dataclasses.replace(spec, provider=args.provider, resources=resources)
+        if args.name:
+            spec = dataclasses.replace(spec, name=args.name)
+        _check_inputs_unchanged(job)
+        return self._submit_checked(spec, wait=args.wait, dry_run=args.dry_run)
 
     def _wait(self, handle: JobHandle) -> None:
         try:
@@ -451,7 +590,7 @@ class TrainMagics(Magics):
         if args is None:
             return None
         handle = self.orch.job(args.job)
-        print(_format_job(handle.record))
+        print(_format_job(handle.record, self.orch.workspace))
         return None
 
     def _do_logs(self, rest: str, cell: str | None) -> None:
@@ -462,7 +601,7 @@ class TrainMagics(Magics):
             raise UsageError("%train logs: --tail must be 0 or more lines")
         handle = self.orch.job(args.job)
         if not args.follow:
-            sys.stdout.write(handle.logs(tail=args.tail))
+            sys.stdout.write(self._paths(handle).map(handle.logs(tail=args.tail)))
             sys.stdout.flush()
             return
         self._follow(handle, args.tail)
@@ -470,10 +609,11 @@ class TrainMagics(Magics):
     def _follow(self, handle: JobHandle, tail: int | None) -> None:
         """Print the log as it grows until the job ends; Ctrl-C stops following, not the job."""
         path = handle.log_path
+        paths = self._paths(handle)
         # One read of the log as it is now, and follow from exactly where that read ended: lines the
         # job writes in between are printed once (neither lost nor doubled).
         pos = path.stat().st_size if path.exists() else 0
-        sys.stdout.write(_read_upto(path, pos, tail))
+        sys.stdout.write(paths.map(_read_upto(path, pos, tail)))
         sys.stdout.flush()
         try:
             while True:
@@ -485,7 +625,7 @@ class TrainMagics(Magics):
                     if data:
                         cut = data.rfind(b"\n") + 1 if not done else len(data)
                         if cut:
-                            sys.stdout.write(data[:cut].decode("utf-8", errors="replace"))
+                            sys.stdout.write(paths.map(data[:cut].decode("utf-8", errors="replace")))
                             sys.stdout.flush()
                             pos += cut
                 if done:
@@ -495,6 +635,16 @@ class TrainMagics(Magics):
             print(f"\n(stopped following; job {handle.id} goes on)", file=sys.stderr)
             return
         print(f"-- job {handle.id} {handle.status.value}", file=sys.stderr)
+
+    def _paths(self, handle: JobHandle) -> Any:
+        """How the job's machine paths are shown: as the user's own files."""
+        from .diagnose import PathMap
+
+        try:
+            record = handle.record
+        except (AttributeError, TrainorchError):  # a handle without a record: the runner's layout is still stripped
+            return PathMap()
+        return PathMap.for_job(record, getattr(self.orch, "workspace", None))
 
     def _do_cancel(self, rest: str, cell: str | None) -> None:
         args = _parse("cancel", rest)
@@ -628,7 +778,7 @@ class TrainMagics(Magics):
         handle = self.orch.job(args.job)
         widgets = _widgets()
         if widgets is None:
-            print(_format_job(handle.record))
+            print(_format_job(handle.record, self.orch.workspace))
         elif widgets._has_widget_frontend():
             from IPython.display import display
 
@@ -638,6 +788,28 @@ class TrainMagics(Magics):
         else:
             print(widgets.text_summary(handle))
         return None
+
+
+def _check_inputs_unchanged(job: Job) -> None:
+    """A rerun sends the inputs as they are now: refuse when one is not the file the job was sent."""
+    import hashlib
+
+    for name, path in job.spec.all_inputs():
+        recorded = job.input_hashes.get(name)
+        if recorded is None:
+            continue
+        h = hashlib.sha256()
+        try:
+            with open(path, "rb") as fh:
+                while block := fh.read(1 << 20):
+                    h.update(block)
+        except OSError:
+            raise UsageError(f"%train rerun: {path} (an input of job {job.id}) is gone, so the job cannot be "
+                             "reproduced; restore it or submit anew") from None
+        if h.hexdigest() != recorded:
+            raise UsageError(f"%train rerun: {path} changed since job {job.id} ran (sha256 {recorded[:12]} then, "
+                             f"{h.hexdigest()[:12]} now), so it would not be the same job; restore the file or "
+                             "submit anew") from None
 
 
 def _result_within(fut: concurrent.futures.Future[Any], timeout: float) -> Any:

@@ -142,6 +142,8 @@ def _dt_from_str(value: str | None) -> datetime | None:
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
 _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _RESERVED_ENV_PREFIX = "TRAINORCH_"
+# The workdir snapshot's name among a job's inputs on the machine.
+SNAPSHOT_INPUT_NAME = ".trainorch-workdir.tar.gz"
 # Keys of the user's provider credentials: never shipped to a training machine through a spec.
 SECRET_ENV_KEYS = frozenset({"RUNPOD_API_KEY", "LAMBDA_API_KEY", "VAST_API_KEY"})
 
@@ -334,6 +336,15 @@ class JobSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     max_runtime: float = 6 * 3600.0  # seconds; enforced by the runner
     auto_download: bool = True
+    # The user's code on the machine: ``workdir`` (an absolute folder) is packed into a snapshot whose SHA-256
+    # is ``snapshot`` (set at submit; ``.trainorch/snapshots/<sha256>.tar.gz``), unpacked on the machine as the
+    # command's working directory. ``pip`` (one requirement each) and the snapshot's ``requirements.txt`` are
+    # installed before the command; on ``local`` only into a per-job environment (``isolated``).
+    workdir: str | None = None
+    snapshot: str | None = None
+    pip: tuple[str, ...] = ()
+    isolated: bool = False
+    workdir_max_mb: float | None = None  # the snapshot's size cap (default $TRAINORCH_WORKDIR_MAX_MB or 200)
 
     def validate(self, *, known_providers: set[str] | None = None, check_files: bool = True) -> None:
         """Raise :class:`SpecError` naming the first invalid field. Touches nothing."""
@@ -386,6 +397,33 @@ class JobSpec:
         self.resources.validate()
         if not isinstance(self.auto_download, bool):
             raise SpecError("auto_download", "must be true or false")
+        self._validate_code()
+
+    def _validate_code(self) -> None:
+        if self.workdir is not None and (not isinstance(self.workdir, str) or not self.workdir.strip()
+                                         or "\x00" in self.workdir):
+            raise SpecError("workdir", "must be a folder path, or left out to send nothing")
+        if self.snapshot is not None:
+            if not isinstance(self.snapshot, str) or not re.fullmatch(r"[0-9a-f]{64}", self.snapshot):
+                raise SpecError("snapshot", "must be the hex SHA-256 of a packed workdir")
+            if self.workdir is None:
+                raise SpecError("snapshot", "a snapshot comes from a workdir: give the workdir too")
+        if not isinstance(self.pip, tuple | list):
+            raise SpecError("pip", "must be a list of requirements")
+        for i, req in enumerate(self.pip):
+            if not isinstance(req, str) or not req.strip() or any(c in req for c in "\x00\n\r"):
+                raise SpecError(f"pip[{i}]", f"must be one requirement such as 'scikit-learn' or 'numpy>=1.26', got {req!r}")
+            if req.strip().startswith("-"):
+                raise SpecError(f"pip[{i}]", f"one requirement per --pip, not a pip option ({req!r}); put options "
+                                "such as --index-url in a requirements.txt beside your code")
+        if not isinstance(self.isolated, bool):
+            raise SpecError("isolated", "must be true or false")
+        if self.workdir_max_mb is not None:
+            _check_float("workdir_max_mb", self.workdir_max_mb, 0.0, 1_000_000.0, lo_open=True)
+        for i, item in enumerate(self.inputs):
+            if isinstance(item, str) and Path(item).name == SNAPSHOT_INPUT_NAME:
+                raise SpecError(f"inputs[{i}]", f"{SNAPSHOT_INPUT_NAME!r} is the name of the workdir snapshot on the "
+                                "machine; rename the file")
 
     def all_inputs(self) -> list[tuple[str, Path]]:
         """Every file to upload, as (name on the machine, local path)."""
@@ -405,6 +443,11 @@ class JobSpec:
             "env": dict(self.env),
             "max_runtime": self.max_runtime,
             "auto_download": self.auto_download,
+            "workdir": self.workdir,
+            "snapshot": self.snapshot,
+            "pip": list(self.pip),
+            "isolated": self.isolated,
+            "workdir_max_mb": self.workdir_max_mb,
         }
 
     @classmethod
@@ -412,7 +455,8 @@ class JobSpec:
         """Build a spec from plain data (YAML/TOML/JSON); raises SpecError on unknown or mistyped fields."""
         if not isinstance(data, Mapping):
             raise SpecError("spec", f"must be a mapping, got {type(data).__name__}")
-        allowed = {"name", "provider", "command", "train", "inputs", "resources", "env", "max_runtime", "auto_download"}
+        allowed = {"name", "provider", "command", "train", "inputs", "resources", "env", "max_runtime", "auto_download",
+                   "workdir", "snapshot", "pip", "isolated", "workdir_max_mb"}
         _reject_unknown("spec", data, allowed)
         if "name" not in data:
             raise SpecError("name", "is required")
@@ -445,6 +489,16 @@ class JobSpec:
             kwargs["max_runtime"] = parse_duration(data["max_runtime"], "max_runtime")
         if "auto_download" in data:
             kwargs["auto_download"] = data["auto_download"]
+        for key in ("workdir", "snapshot", "isolated", "workdir_max_mb"):
+            if data.get(key) is not None:
+                kwargs[key] = data[key]
+        pip = data.get("pip") or ()
+        if isinstance(pip, str):
+            pip = (pip,)
+        if not isinstance(pip, list | tuple):
+            raise SpecError("pip", "must be a list of requirements")
+        if pip:
+            kwargs["pip"] = tuple(pip)
         return cls(**kwargs)
 
 
@@ -569,6 +623,13 @@ class Job:
     billing_until: datetime | None = None
     # ``--provider auto``: every machine tried, in order (provider, gpu, $/h, region, and why it was left).
     attempts: list[dict[str, Any]] = field(default_factory=list)
+    # The reproducible record: the workdir snapshot sent (sha256, files, size, workdir, manifest: the file list),
+    # the argv the runner started, the SHA-256 of each input uploaded (by its name on the machine), and the
+    # packages of the job's Python after the installs (``python``, ``packages`` {name: version}, ``requested``).
+    snapshot: dict[str, Any] | None = None
+    command: list[str] | None = None
+    input_hashes: dict[str, str] = field(default_factory=dict)
+    packages: dict[str, Any] | None = None
 
     def transition(self, dst: JobState, *, now: datetime | None = None) -> None:
         """Move to ``dst`` or raise :class:`IllegalTransition`; stamps the times."""
@@ -623,6 +684,10 @@ class Job:
             "billing_since": _dt_to_str(self.billing_since),
             "billing_until": _dt_to_str(self.billing_until),
             "attempts": [dict(a) for a in self.attempts],
+            "snapshot": None if self.snapshot is None else dict(self.snapshot),
+            "command": None if self.command is None else list(self.command),
+            "input_hashes": dict(self.input_hashes),
+            "packages": None if self.packages is None else dict(self.packages),
         }
 
     @classmethod
@@ -651,6 +716,10 @@ class Job:
             billing_since=_dt_from_str(data.get("billing_since")),
             billing_until=_dt_from_str(data.get("billing_until")),
             attempts=[dict(a) for a in data.get("attempts") or []],
+            snapshot=dict(data["snapshot"]) if data.get("snapshot") else None,
+            command=list(data["command"]) if data.get("command") else None,
+            input_hashes=dict(data.get("input_hashes") or {}),
+            packages=dict(data["packages"]) if data.get("packages") else None,
         )
 
 

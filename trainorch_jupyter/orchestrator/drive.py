@@ -209,10 +209,10 @@ class DriveStage(OrchestratorBase):
         job.error = error
         if state is JobState.FAILED:
             try:
-                from ..diagnose import diagnose
+                from ..diagnose import diagnose_job
 
                 tail = await asyncio.to_thread(self.store.read_log, job.id, tail=80)
-                job.diagnosis = diagnose(exit_code=job.exit_code, log_tail=tail, error=error, timed_out=timed_out)
+                job.diagnosis = diagnose_job(job, tail, error=error, timed_out=timed_out, workspace=self.workspace)
             except Exception:  # a diagnosis is a help; its failure must not keep the job live
                 log.exception("diagnosis of job %s failed", job.id)
         await self._set_state(job, state, note=error)

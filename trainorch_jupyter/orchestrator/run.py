@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
+import json
+import logging
 import shlex
 import sys
 from pathlib import Path
@@ -16,36 +19,51 @@ from typing import Any
 
 import httpx
 
-from ..model import Job, JobSpec, JobState, RunnerError, utcnow
+from ..diagnose import PathMap
+from ..model import SNAPSHOT_INPUT_NAME, Job, JobSpec, JobState, RunnerError, utcnow
 from ..runner_client import RunnerClient, RunnerHTTPError
 from .base import OrchestratorBase
 from .outcome import DeadlineExceeded, Outcome
 from .provision import remote_packages
+
+log = logging.getLogger("trainorch_jupyter")
 
 
 class RunStage(OrchestratorBase):
     """Mixin: start a job's command on its runner, follow it to its end, and conclude."""
 
     async def _start_command(self, job: Job, client: RunnerClient) -> None:
-        """Upload the inputs and start the command, unless the runner already has (a re-attach after the
-        start was sent: uploading again would be refused, and the command is running or done)."""
+        """Upload the inputs (the workdir snapshot among them) and start the command, unless the runner already
+        has (a re-attach after the start was sent: uploading again would be refused, and the command is running
+        or done). The job's record keeps what was sent and started: the snapshot, each input's SHA-256, the argv."""
         spec = job.spec
         status = await self._persist("reading the status", client.status, job.id)
         if status.get("state") == "idle":
             inputs = list(spec.all_inputs())
-            wheel: Path | None = None
             provider = self.provider(job.provider)
+            requirements = False
+            if spec.workdir is not None:
+                snapshot, manifest = await asyncio.to_thread(self._job_snapshot, job)
+                inputs.append((SNAPSHOT_INPUT_NAME, snapshot.path))
+                job.snapshot = snapshot.summary()
+                requirements = any(f.get("path") == "requirements.txt" for f in manifest.get("files", []))
+            wheel: Path | None = None
             if provider.remote and spec.train is not None:
                 from ..remote import package_wheel
 
                 wheel = await asyncio.to_thread(package_wheel, self.store.root / "wheels")
                 inputs.append((wheel.name, wheel))
             command = build_command(spec, job.provider, wheel=wheel.name if wheel else None,
-                                    packages=remote_packages(spec) if provider.remote else None)
+                                    packages=remote_packages(spec) if provider.remote else None,
+                                    remote=provider.remote, requirements=requirements)
+            job.command = list(command)
             for name, path in inputs:
                 self._check_cancel(job)
-                await self._persist(f"uploading {name}", functools.partial(client.upload_input, name, path), job.id,
-                                    bounded=False)
+                answer = await self._persist(f"uploading {name}", functools.partial(client.upload_input, name, path),
+                                             job.id, bounded=False)
+                if isinstance(answer, dict) and isinstance(answer.get("sha256"), str):
+                    job.input_hashes[name] = answer["sha256"]
+            await self._save(job)
             self._check_cancel(job)
 
             async def start_once() -> None:
@@ -62,6 +80,23 @@ class RunStage(OrchestratorBase):
 
             await self._persist("starting the command", start_once, job.id)
         await self._set_state(job, JobState.RUNNING)
+
+    def _job_snapshot(self, job: Job) -> tuple[Any, dict[str, Any]]:
+        """The job's workdir snapshot (checked against its SHA-256) and its manifest. A spec submitted without
+        one (from Python, not through ``checks.prepare``) has its workdir packed now."""
+        from .. import snapshot as snap
+        from ..checks import resolve_snapshot
+
+        spec = job.spec
+        if spec.snapshot is not None:
+            made = resolve_snapshot(spec, self.workspace)
+        else:
+            assert spec.workdir is not None
+            limit = snap.max_bytes(spec.workdir_max_mb)
+            found = snap.scan(spec.workdir, exclude=[self.workspace / "artifacts"], max_total=limit)
+            found.check_size(limit)
+            made = snap.pack(found, self.workspace, limit=limit)
+        return made, snap.load_manifest(self.workspace, made.sha256) or {}
 
     async def _follow(self, job: Job, client: RunnerClient) -> None:
         """Copy logs and metrics from the runner into the store until the command exited.
@@ -141,46 +176,138 @@ class RunStage(OrchestratorBase):
             await self._salvage(job, client)
             return Outcome(JobState.FAILED, f"stopped after the max runtime of {job.spec.max_runtime:.0f}s",
                            timed_out=True)
+        if job.command and ENVIRONMENT_MARK in " ".join(job.command):
+            await self._read_environment(job, client)
         if job.exit_code != 0:
             last = (await asyncio.to_thread(self.store.read_log, job.id, tail=5)).strip()
+            paths = PathMap.for_job(job, self.workspace)
             msg = f"the command exited with code {job.exit_code}"
             if status.get("error"):
-                msg += f" ({status['error']})"
+                msg += f" ({paths.map(str(status['error']))})"
             if last:
-                msg += "; last lines:\n" + last
+                msg += "; last lines:\n" + paths.map(last)
             return Outcome(JobState.FAILED, msg)
         if job.spec.auto_download:
             await self._set_state(job, JobState.DOWNLOADING)
             return None
         return Outcome(JobState.COMPLETED)
 
+    async def _read_environment(self, job: Job, client: RunnerClient) -> None:
+        """The packages of the job's Python after its installs (the file the command wrote into its output),
+        into the job's record. Best effort: a record without it is still a record."""
+        try:
+            manifest = await client.manifest()
+            entry = next((f for f in (manifest or {}).get("files", []) if f.get("path") == ENVIRONMENT_FILE), None)
+            if entry is None or not isinstance(entry.get("size"), int) or entry["size"] > ENVIRONMENT_MAX_BYTES:
+                return
+            response = await self._runner_http(job).get(client.file_url(ENVIRONMENT_FILE),
+                                                         headers=client.auth_headers())
+            body = response.content
+            if response.status_code != 200 or hashlib.sha256(body).hexdigest() != entry.get("sha256"):
+                return
+            data = json.loads(body)
+            if isinstance(data, dict) and isinstance(data.get("packages"), dict):
+                job.packages = {"python": str(data.get("python", "")), "requested": list(data.get("requested") or []),
+                                "packages": {str(k): str(v) for k, v in data["packages"].items()}}
+        except Exception as exc:  # the record is a help; it never fails the job
+            log.info("job %s: could not read the packages it installed: %s", job.id, exc)
 
-def build_command(spec: JobSpec, provider: str, *, wheel: str | None = None,
-                  packages: list[str] | None = None) -> list[str]:
+
+# What the composed command writes into the job's output after installing packages (the record reads it back).
+ENVIRONMENT_FILE = ".trainorch/environment.json"
+ENVIRONMENT_MAX_BYTES = 4 << 20
+ENVIRONMENT_MARK = "[trainorch] packages recorded"
+_PURELIB = "import sysconfig;print(sysconfig.get_paths()['purelib'])"
+# A .pth line that adds the parent's site-packages as a site dir (its own .pth files, editable installs, count).
+_PARENT_SITE = "import sysconfig;print('import site; site.addsitedir(%r)' % sysconfig.get_paths()['purelib'])"
+_UNPACK = ("import sys,tarfile\n"
+           "t=tarfile.open(sys.argv[1])\n"
+           "k={'filter':'data'} if hasattr(tarfile,'data_filter') else {}\n"
+           "t.extractall(sys.argv[2],**k)")
+# The job's Python, after its installs: {python, packages {name: version}, requested} (importlib.metadata: the
+# distributions the interpreter sees, first on sys.path wins, as an import would).
+_RECORD_ENV = ("import importlib.metadata as m,json,os,sys,platform\n"
+               "p={}\n"
+               "for d in m.distributions():\n"
+               " n=d.metadata['Name']\n"
+               " if n and n.lower() not in p: p[n.lower()]=(n,d.version)\n"
+               "o=os.path.join(os.environ['TRAINORCH_OUTPUT_DIR'],'.trainorch')\n"
+               "os.makedirs(o,exist_ok=True)\n"
+               "json.dump({'python':platform.python_version(),'requested':sys.argv[1:],"
+               "'packages':dict(sorted(v for v in p.values()))},open(os.path.join(o,'environment.json'),'w'),"
+               "indent=1)")
+
+
+def build_command(spec: JobSpec, provider: str, *, wheel: str | None = None, packages: list[str] | None = None,
+                  remote: bool | None = None, requirements: bool = False) -> list[str]:
     """The argv the runner starts for ``spec``.
 
-    On a remote machine a trainer job first brings this package's own code (``wheel``, an input built from
-    the running package, unpacked onto ``PYTHONPATH``: the machine runs exactly the kernel's version) and pip-installs
-    ``packages``; all of it prints into the job's log, so a slow or failing install is seen live."""
-    if spec.command is not None:
+    A plain command with nothing to bring is started as it is. Otherwise one ``/bin/sh`` script runs, every
+    step printing into the job's log (a slow or failing install is seen live):
+
+    1. the workdir snapshot (an input, hash-checked on upload) is unpacked into the runner's work dir, which is
+       the command's working directory: the command sees the user's folder as it was at submit;
+    2. with ``isolated``, a per-job virtual environment that sees the packages of the Python that made it and
+       installs its own (on ``local``: never the kernel's environment);
+    3. a trainer job on a remote machine brings this package's own code (``wheel``, unpacked onto
+       ``PYTHONPATH``: the machine runs exactly the kernel's version) and pip-installs ``packages``;
+    4. ``spec.pip`` and the snapshot's ``requirements.txt`` are pip-installed (``requirements.txt`` on ``local``
+       only with ``isolated``), then the job's Python's packages are recorded (``ENVIRONMENT_FILE``);
+    5. ``exec`` the command (or the trainer)."""
+    is_remote = provider != "local" if remote is None else remote
+    python = "python3" if is_remote else sys.executable
+    user_pip = list(spec.pip)
+    install_requirements = requirements and (is_remote or spec.isolated)
+    needs_script = (wheel is not None or bool(packages) or spec.workdir is not None or bool(user_pip)
+                    or spec.isolated)
+    if spec.command is not None and not needs_script:
         return list(spec.command)
-    assert spec.train is not None
-    python = sys.executable if provider == "local" else "python3"
-    data = "${TRAINORCH_INPUT_DIR}/" + spec.train.data_input_name
-    argv = [python, "-m", "trainorch_jupyter.trainer", *spec.train.cli_args(data, "${TRAINORCH_OUTPUT_DIR}")]
-    if wheel is None and not packages:
-        return argv
-    lines = ["set -e", "export PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1"]
+    if spec.train is not None:
+        data = "${TRAINORCH_INPUT_DIR}/" + spec.train.data_input_name
+        trainer_args = spec.train.cli_args(data, "${TRAINORCH_OUTPUT_DIR}")
+        if not needs_script:
+            return [python, "-m", "trainorch_jupyter.trainer", *trainer_args]
+    q = shlex.quote
+    lines = ["set -e", "export PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1", f"PY={q(python)}"]
+    if spec.workdir is not None:  # quietly: the log stays the command's own when nothing is installed
+        lines.append(f'"$PY" -c {q(_UNPACK)} "$TRAINORCH_INPUT_DIR/{SNAPSHOT_INPUT_NAME}" .')
+    if spec.isolated:
+        lines += ['V="$(dirname "$TRAINORCH_INPUT_DIR")/venv"',
+                  'echo "[trainorch] a virtual environment for this job (it sees the packages of $PY)"',
+                  '"$PY" -m venv --without-pip --system-site-packages "$V"',
+                  # The packages of the Python that made it stay visible (a kernel in a venv: its own, not the base
+                  # interpreter's); pip installs into the new environment only, never there.
+                  f'"$PY" -c {q(_PARENT_SITE)} > "$("$V/bin/python" -c {q(_PURELIB)})/trainorch-parent.pth"',
+                  '"$V/bin/python" -m pip --version >/dev/null 2>&1 || "$V/bin/python" -m ensurepip --default-pip',
+                  'export VIRTUAL_ENV="$V" PATH="$V/bin:$PATH"', 'PY="$V/bin/python"']
     if wheel is not None:
         lines += ['pkg="$PWD/.trainorch-pkg"',
-                  f'{python} -m zipfile -e {shlex.quote("${TRAINORCH_INPUT_DIR}/" + wheel)} "$pkg"',
+                  f'"$PY" -m zipfile -e {q("${TRAINORCH_INPUT_DIR}/" + wheel)} "$pkg"',
                   'export PYTHONPATH="$pkg${PYTHONPATH:+:$PYTHONPATH}"',
-                  f"echo {shlex.quote('[trainorch] this package: ' + wheel)}"]
+                  f"echo {q('[trainorch] this package: ' + wheel)}"]
+    requested: list[str] = []
     if packages:
-        quoted = " ".join(shlex.quote(p) for p in packages)
-        lines += [f"echo {shlex.quote('[trainorch] pip install ' + ' '.join(packages))}",
-                  f"{python} -m pip install --progress-bar off {quoted}"]
-    lines.append("exec " + " ".join(shlex.quote(a) for a in argv))
+        requested += packages
+        lines += [f"echo {q('[trainorch] pip install ' + ' '.join(packages))}",
+                  '"$PY" -m pip install --progress-bar off ' + " ".join(q(p) for p in packages)]
+    if user_pip:
+        requested += user_pip
+        lines += [f"echo {q('[trainorch] pip install ' + ' '.join(user_pip))}",
+                  '"$PY" -m pip install --progress-bar off ' + " ".join(q(p) for p in user_pip)]
+    if install_requirements:
+        requested.append("-r requirements.txt")
+        lines += ["echo '[trainorch] pip install -r requirements.txt'",
+                  '"$PY" -m pip install --progress-bar off -r requirements.txt']
+    elif requirements:
+        lines.append("echo '[trainorch] requirements.txt is not installed: on local, packages go into a per-job "
+                     "environment only with --isolated (this job uses the environment of the kernel)'")
+    if requested or spec.isolated:
+        lines.append(f'"$PY" -c {q(_RECORD_ENV)} {" ".join(q(r) for r in requested)} '
+                     f"&& echo {q(ENVIRONMENT_MARK)} || echo '[trainorch] could not record the packages'")
+    if spec.command is not None:
+        lines.append("exec " + " ".join(q(a) for a in spec.command))
+    else:
+        lines.append('exec "$PY" -m trainorch_jupyter.trainer ' + " ".join(q(a) for a in trainer_args))
     return ["/bin/sh", "-c", "\n".join(lines)]
 
 

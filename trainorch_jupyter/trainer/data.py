@@ -177,6 +177,58 @@ def load_records(path: str | Path) -> tuple[list[Record], Format]:
     return records, fmt
 
 
+def _record_texts(fields: Mapping[str, Any], fmt: Format) -> list[str]:
+    if fmt == "prompt_response":
+        return [fields.get("prompt") or "", fields.get("response") or ""]
+    if fmt == "text":
+        return [fields.get("text") or ""]
+    return [m.get("content") or "" for m in fields.get("messages") or [] if isinstance(m, dict)]
+
+
+def estimate_tokens(text: str) -> int:
+    """A floor on the tokens of ``text`` without its tokenizer: one token per 8 bytes of UTF-8 (subword
+    tokenizers average 3-5 bytes per token on prose and code). Used only to say an example is certainly long."""
+    return -(-len(text.encode("utf-8")) // 8)
+
+
+def check_for_training(file: str | Path, records: Sequence[Record], fmt: Format, *, seq_len: int,
+                       eval_fraction: float, count_tokens: Any = None) -> None:
+    """What makes a training run pointless although each record is valid, as a :class:`DataError`:
+
+    - too few examples for the eval split: with ``eval_fraction`` > 0, at least 2 are needed (one to train on,
+      one held out);
+    - every example longer than ``seq_len`` tokens (each would be cut). ``count_tokens(text) -> int`` is the
+      model's tokenizer (the trainer's count: specials of the prompt, the response, the EOS); without it a floor
+      (:func:`estimate_tokens`) is used, so the error is only raised when it is certain.
+
+    Stops at the first example that fits, so a good file costs one tokenization."""
+    shown = str(file)
+    if not records:
+        raise DataError(shown, 1, "empty file: no records")
+    if eval_fraction > 0 and len(records) < 2:
+        raise DataError(shown, records[0].line, f"only {len(records)} example: too few for an eval split of "
+                        f"{eval_fraction:g} (at least 2 are needed: one to train on, one held out); add examples "
+                        "or set the eval fraction to 0")
+    exact = count_tokens is not None
+    shortest: tuple[int, Record] | None = None
+    for rec in records:
+        texts = _record_texts(rec.fields, fmt)
+        if exact:
+            n = sum(int(count_tokens(t)) for t in texts) + (1 if fmt != "messages" else 0)
+        else:
+            n = sum(estimate_tokens(t) for t in texts)
+        if n <= seq_len:
+            return
+        if shortest is None or n < shortest[0]:
+            shortest = (n, rec)
+    assert shortest is not None
+    n, rec = shortest
+    about = f"{n} tokens" if exact else f"at least {n} tokens (estimated from its length)"
+    raise DataError(shown, rec.line, f"every example is longer than the sequence length of {seq_len} tokens, so "
+                    f"each would be cut (this one, the shortest, has {about}); raise the sequence length "
+                    f"(--seq-len {max(n, seq_len * 2)}) or shorten the examples")
+
+
 def split_records(records: Sequence[Record], eval_fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
     """Seeded shuffle, then the first ``round(n * eval_fraction)`` (at least 1 when the fraction is > 0 and
     there are 2+ records) for eval and the rest for training. Eval is empty when the fraction is 0."""
