@@ -14,9 +14,9 @@ import re
 #: canonical name -> (VRAM in GB, patterns matched against a provider's name squashed to [a-z0-9])
 _GPUS: list[tuple[str, float, tuple[str, ...]]] = [
     ("B200", 180, ("b200",)),
+    ("GH200", 96, ("gh200",)),
     ("H200", 141, ("h200",)),
     ("H100", 80, ("h100",)),
-    ("GH200", 96, ("gh200",)),
     ("A100-80GB", 80, ("a10080gb", "a100sxm480gb", "a100pcie80gb", "a10080g")),
     ("A100-40GB", 40, ("a10040gb", "a100sxm440gb", "a100pcie40gb", "a10040g")),
     ("A100", 40, ("a100",)),
@@ -49,10 +49,12 @@ def canonical_gpu(name: str, vram_gb: float | None = None) -> str:
     """The canonical name of a provider's GPU name (``"NVIDIA A100 80GB PCIe"`` -> ``"A100-80GB"``). An A100
     whose name does not say its memory is told apart by ``vram_gb``. Unknown names come back squashed and
     upper-cased (``"MI300X"``), so they still compare equal across providers that spell them alike."""
-    s = squash(name)
+    if vram_gb is None and (m := re.search(r"\((\d+)\s*GB", name, re.I)):
+        vram_gb = float(m.group(1))  # "1x A100 (40 GB SXM4)": the memory the name gives
+    s = squash(re.sub(r"\(.*?\)", "", name)) or squash(name)
     for canonical, _, patterns in _GPUS:
         if any(p in s for p in patterns):
-            if canonical == "A100" and vram_gb is not None:
+            if canonical == "A100" and vram_gb is not None:  # the name did not say which A100
                 return "A100-80GB" if vram_gb >= 60 else "A100-40GB"
             return canonical
     return s.upper() or name

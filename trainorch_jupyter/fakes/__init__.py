@@ -16,12 +16,14 @@ from __future__ import annotations
 from typing import Any
 
 from .base import FakeServer, OpenAPIValidator, RateWindow
+from .lambdacloud import LambdaFake
 from .runpod import RunPodFake
+from .vast import VastFake
 
-__all__ = ["FAKES", "FakeServer", "OpenAPIValidator", "RateWindow", "RunPodFake", "make_fake"]
+__all__ = ["FAKES", "FakeServer", "LambdaFake", "OpenAPIValidator", "RateWindow", "RunPodFake", "VastFake", "make_fake"]
 
 #: provider name -> fake class
-FAKES: dict[str, type[FakeServer]] = {"runpod": RunPodFake}
+FAKES: dict[str, type[FakeServer]] = {"lambda": LambdaFake, "runpod": RunPodFake, "vast": VastFake}
 
 
 def make_fake(provider: str, **options: Any) -> FakeServer:

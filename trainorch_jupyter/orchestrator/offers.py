@@ -195,6 +195,8 @@ def _attempt_spec(spec: JobSpec, offer: Offer) -> JobSpec:
     cloud = offer.data.get("cloud")
     if isinstance(cloud, str) and offer.provider == "runpod":
         res = dataclasses.replace(res, cloud=cloud.lower())
+    if offer.provider == "lambda" and offer.region:
+        res = dataclasses.replace(res, region=offer.region)  # the region whose capacity was offered
     return dataclasses.replace(spec, provider=offer.provider, resources=res)
 
 
