@@ -41,6 +41,8 @@ class LoopOwner:
         """Stop the loop and wait (up to ``timeout``) for its thread to end."""
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout)
+        if not self._thread.is_alive() and not self._loop.is_closed():
+            self._loop.close()
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -74,4 +76,6 @@ class LoopOwner:
 
     def call_soon(self, fn: Callable[[], Any]) -> None:
         """Run ``fn`` on the loop thread."""
+        if self._loop.is_closed():
+            return  # the orchestrator was closed: nothing runs on its loop any more
         self._loop.call_soon_threadsafe(fn)
