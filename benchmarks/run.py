@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any
 
-BENCHES = ["bench_orchestrator", "bench_trainer", "bench_download"]
+BENCHES = ["bench_orchestrator", "bench_trainer", "bench_download", "bench_fleet"]
 
 
 def ratio_lines(results: dict[str, Any]) -> list[str]:
