@@ -11,8 +11,11 @@ PIP_INSTALL := $(PIP) install --disable-pip-version-check -q -c constraints.txt 
 
 # Shipped alone to bare images (runner.py) or inside the start command (stage-0): they must run on Python 3.9.
 PY39_FILES := trainorch_jupyter/runner.py trainorch_jupyter/remote/stage0_program.py
+# The trainer runs on the training machine's python3 (Lambda Stack: 3.10) with only the package root on the way.
+PY310_FILES := trainorch_jupyter/__init__.py trainorch_jupyter/trainer
 CHECK_PY39 := $(PY) -m ruff check --target-version py39 --extend-ignore RUF100 $(PY39_FILES) && \
-	$(VENV)/bin/vermin -t=3.9- --no-tips --violations $(PY39_FILES)
+	$(VENV)/bin/vermin -t=3.9- --no-tips --violations $(PY39_FILES) && \
+	$(VENV)/bin/vermin -t=3.10- --no-tips --violations $(PY310_FILES)
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -8,16 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .model import (
-    ArtifactInfo,
-    Job,
-    JobSpec,
-    JobState,
-    Resources,
-    SpecError,
-    TrainerConfig,
-    TrainingState,
-)
+# Nothing is imported eagerly: ``python -m trainorch_jupyter.trainer`` runs on a training machine whose Python may
+# be older than the kernel's (Lambda Stack: 3.10), and it needs none of the orchestrator's modules.
+_MODEL_NAMES = ("ArtifactInfo", "Job", "JobSpec", "JobState", "Resources", "SpecError", "TrainerConfig", "TrainingState")
 
 __version__ = "0.1.0"
 
@@ -44,6 +37,10 @@ def get_orchestrator(*args: Any, **kwargs: Any) -> Any:
 
 
 def __getattr__(name: str) -> Any:
+    if name in _MODEL_NAMES:
+        from . import model
+
+        return getattr(model, name)
     # The seed's API names, importable from the package root without loading it eagerly.
     if name in ("get_training_orchestrator", "TrainingConfig", "TrainingOrchestrator"):
         from . import compat

@@ -269,6 +269,10 @@ def build_command(spec: JobSpec, provider: str, *, wheel: str | None = None, pac
             return [python, "-m", "trainorch_jupyter.trainer", *trainer_args]
     q = shlex.quote
     lines = ["set -e", "export PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1", f"PY={q(python)}"]
+    if is_remote:
+        # A rented machine is the job's alone: let pip install into its system Python (PEP 668 images such as
+        # Ubuntu 24.04's refuse that otherwise; older pips ignore the variable).
+        lines.insert(2, "export PIP_BREAK_SYSTEM_PACKAGES=1")
     if spec.workdir is not None:  # quietly: the log stays the command's own when nothing is installed
         lines.append(f'"$PY" -c {q(_UNPACK)} "$TRAINORCH_INPUT_DIR/{SNAPSHOT_INPUT_NAME}" .')
     if spec.isolated:
