@@ -627,3 +627,29 @@ def test_the_store_is_private(tmp_path: Path) -> None:
                     assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
     finally:
         os.umask(old)
+
+
+# --------------------------------------------------------------------------------------------
+# a job driven by another process is followed through the store (a panel beside the server's driver)
+# --------------------------------------------------------------------------------------------
+
+
+def test_events_of_a_job_driven_elsewhere_come_from_the_store(tmp_path: Path) -> None:
+    driver = Orchestrator(tmp_path)
+    viewer = Orchestrator(tmp_path, reattach=False)
+    try:
+        job = driver.submit({"name": "elsewhere", "command": _printer(300, sleep=0.01)})
+        wait_for(lambda: job.status is JobState.RUNNING, 30, what="RUNNING")
+        events: list[Any] = []
+        viewer.subscribe(events.append, job.id)
+        assert driver.wait(job.id, 60).state is JobState.COMPLETED
+        wait_for(lambda: any(e.kind == "state" and e.data.state is JobState.COMPLETED for e in events), 15,
+                 what="the end, seen by the viewer")
+        shown = "".join(e.data for e in events if e.kind == "log")
+        whole = driver.logs(job.id)
+        assert shown and whole.endswith(shown)  # every line from the subscription on, in order, once
+        assert job.id not in viewer._tasks  # the viewer never drove it
+        wait_for(lambda: job.id not in viewer._watchers, 10, what="the watcher to stop")
+    finally:
+        viewer.close()
+        driver.close()

@@ -21,6 +21,7 @@ Where things are (each stage of a job's drive is a file):
 - ``collect.py``: collect: verified downloads of a job's files
 - ``release.py``: release: terminate the machine, confirmed
 - ``reaper.py``: the reaper of the persisted reap list, and ``cleanup`` of tagged machines no job owns
+- ``watch.py``: events, from the store, of jobs another process drives (another kernel, the Jupyter server)
 - ``offers.py``: one offers table across cloud providers, and ``--provider auto`` with its failover
 - ``notify.py``: done callbacks and the webhook
 - ``housekeeping.py``: lease renewal, cancel requests from the store, the reaper's schedule

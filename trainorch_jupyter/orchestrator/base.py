@@ -66,7 +66,10 @@ class OrchestratorBase(LoopOwner, EventBus):
         self._interruptible: set[str] = set()  # jobs whose drive may be cancelled outright (before the start)
         self._user_cancelled: set[str] = set()  # drive tasks cancelled for a user's cancel
         self._clients: dict[str, RunnerClient] = {}  # the runner client of each driven job (its URL may move)
-        self._last_ok: dict[str, float] = {}  # when each driven job's runner last answered (monotonic)
+        self._last_ok: dict[str, float] = {}
+        # Jobs shown here but driven by another process: watched through the store (watch.py).
+        self._watchers: dict[str, asyncio.Future[None]] = {}
+        self._all_watcher: asyncio.Future[None] | None = None  # when each driven job's runner last answered (monotonic)
         # One HTTP client per remote job, pinned to that job's TLS certificate; never shared with a provider's
         # API client (which carries the account's key) nor with another job.
         self._runner_https: dict[str, httpx.AsyncClient] = {}

@@ -28,6 +28,7 @@ from . import settings
 from .collect import CollectStage
 from .connect import ConnectStage
 from .drive import DriveStage
+from .events import Event
 from .handle import Download, JobHandle
 from .housekeeping import Housekeeping
 from .notify import Notifier
@@ -36,10 +37,11 @@ from .provision import ProvisionStage
 from .reaper import Reaper
 from .release import ReleaseStage
 from .run import RunStage
+from .watch import WatchStage
 
 
 class Orchestrator(DriveStage, ProvisionStage, ConnectStage, RunStage, CollectStage, ReleaseStage, Reaper,
-                   OffersStage, Notifier, Housekeeping):
+                   OffersStage, WatchStage, Notifier, Housekeeping):
     """Runs jobs of one workspace. Thread-safe; all job work happens on its own loop thread."""
 
     def __init__(self, workspace: Path | str | None = None, *, provider_config: Mapping[str, Mapping[str, Any]] | None = None,
@@ -79,6 +81,8 @@ class Orchestrator(DriveStage, ProvisionStage, ConnectStage, RunStage, CollectSt
             for p in self._providers.values():
                 with contextlib.suppress(Exception):
                     await p.aclose()
+            for watcher in [*self._watchers.values(), *([self._all_watcher] if self._all_watcher else [])]:
+                watcher.cancel()
             for job_id in list(self._runner_https):
                 await self._close_runner_http(job_id)
             await self._http.aclose()
@@ -106,6 +110,13 @@ class Orchestrator(DriveStage, ProvisionStage, ConnectStage, RunStage, CollectSt
     @property
     def provider_names(self) -> list[str]:
         return sorted(self._provider_classes)
+
+    def subscribe(self, callback: Callable[[Event], None], job_id: str | None = None) -> Callable[[], None]:
+        """Call ``callback(event)`` on the loop thread for each event of ``job_id`` (all jobs if None). Jobs that
+        another process drives (another kernel, the Jupyter server) are followed through the store."""
+        unsubscribe = super().subscribe(callback, job_id)
+        self._watch_elsewhere(job_id)
+        return unsubscribe
 
     # -- public API ---------------------------------------------------------------------------
 
