@@ -3,6 +3,12 @@ fake providers (real HTTP, real stage-0 and runner in the fake machines)."""
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
 import httpx
 import pytest
 
@@ -116,3 +122,60 @@ def test_offers_and_cleanup_magics_in_a_real_kernel(runpod: RunPodFake, tmp_path
     assert "UsageError" in text_of(out[2]) and "--gpus" in text_of(out[2]) and "Traceback" not in text_of(out[2])
     assert "no machine made by trainorch" in text_of(out[3])
     assert "runpod" in text_of(out[4]) and CANARY not in text_of(out[4])
+
+
+@pytest.fixture
+def three_clouds(monkeypatch: pytest.MonkeyPatch, tmp_path) -> Iterator[dict[str, Any]]:
+    """The three fake clouds at once (fast boots; each fake counts rate-limit violations)."""
+    from trainorch_jupyter.fakes import LambdaFake, VastFake
+    from trainorch_jupyter.fakes.base import RateWindow
+
+    env = {"PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}", "PIP_NO_INDEX": "1"}
+    key = "three-clouds-key-0123456789"
+    fakes: dict[str, Any] = {
+        "runpod": RunPodFake(api_keys={key}, provision_s=0.2, start_s=0.2, ports_delay_s=0.2, rate_limits=[],
+                             extra_env=env, work_dir=tmp_path / "rp"),
+        "vast": VastFake(api_keys={key}, provision_s=0.2, start_s=0.2, ports_delay_s=0.2, extra_env=env,
+                         rate_limits={e: (RateWindow(e, 1, 0.1),) for e in VAST_ENDPOINTS}, work_dir=tmp_path / "va"),
+        "lambda": LambdaFake(api_keys={key}, boot_s=0.0, request_rate=50.0, request_burst=10.0,
+                             launch_interval_s=0.2, extra_env=env, work_dir=tmp_path / "la"),
+    }
+    for name, fake in fakes.items():
+        fake.start()
+        monkeypatch.setenv(f"{name.upper()}_API_KEY", key)
+        monkeypatch.setenv(f"TRAINORCH_{name.upper()}_URL", fake.base_url)
+    try:
+        yield fakes
+        for name, fake in fakes.items():
+            assert fake.ledger.rate_limit_violations() == [], name
+    finally:
+        for fake in fakes.values():
+            fake.stop()
+
+
+VAST_ENDPOINTS = ("search", "create", "destroy", "show", "list", "manage", "user")
+FAST_CONFIG = {
+    "vast": {"min_intervals": {e: 0.2 for e in VAST_ENDPOINTS}, "poll_cache_s": 0.5, "api_backoff_s": 0.05},
+    "lambda": {"request_interval_s": 0.02, "launch_interval_s": 0.2, "list_ttl_s": 0.2, "api_backoff_s": 0.05,
+               "unhealthy_grace_s": 0.0, "ssh_timeout_s": 5.0},
+}
+
+
+def test_auto_across_three_clouds_falls_over_past_the_two_cheapest(three_clouds: dict[str, Any], tmp_path) -> None:
+    with orchestrator(tmp_path, provider_config=FAST_CONFIG) as orch:
+        table = orch.offers({"gpu": "A100"})
+        assert {o.provider for o in table.offers} == {"runpod", "vast", "lambda"}, str(table)
+        order = [(o.provider, o.price_per_hour) for o in table.offers if o.available]
+        assert [p for p, _ in order[:4]] == ["vast", "vast", "runpod", "lambda"], order
+        # The two cheapest (both Vast asks) and then RunPod answer "no capacity": the fourth offer is used.
+        three_clouds["vast"].inject(capacity_errors=20)  # every Vast create (an attempt may try another ask)
+        three_clouds["runpod"].inject(capacity_errors=1)
+        final = orch.submit({"name": "auto3", "provider": "auto", "command": PRINT,
+                             "resources": {"gpu": "A100"}}).wait(300)
+        assert final.state is JobState.COMPLETED, (final.error, final.attempts)
+        assert [(a["provider"], a["price_per_hour"]) for a in final.attempts] == order[:4], final.attempts
+        assert [bool(a["error"]) for a in final.attempts] == [True, True, True, False]
+        assert final.provider == "lambda" and [a.name for a in final.artifacts] == ["x.txt"]
+        assert orch.reap_list() == []
+    for name, fake in three_clouds.items():
+        assert fake.state()["machines_billing"] == 0, name
