@@ -165,3 +165,19 @@ def test_train_cleanup_lists_and_destroys_only_with_yes(monkeypatch: pytest.Monk
     monkeypatch.setattr(m, "get_orchestrator", lambda: object())
     with pytest.raises(UsageError, match="cannot list cloud machines"):
         magics().train("cleanup")
+
+
+def test_a_keyed_client_is_made_again_only_when_the_key_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainorch_jupyter.keys import KeyedClient
+
+    made: list[str] = []
+    clients = KeyedClient("runpod", lambda key: made.append(key) or f"client-{len(made)}",
+                          lambda: RuntimeError("no key"), recheck_s=0.0)
+    monkeypatch.setenv("RUNPOD_API_KEY", "key-one-0123456789")
+    assert clients.get() == clients.get() == "client-1"  # the same key: the same client
+    monkeypatch.setenv("RUNPOD_API_KEY", "key-two-0123456789")
+    assert clients.get() == "client-2" and made == ["key-one-0123456789", "key-two-0123456789"]
+    monkeypatch.delenv("RUNPOD_API_KEY")
+    monkeypatch.setattr("trainorch_jupyter.keys._from_keyring", lambda provider: None)
+    with pytest.raises(RuntimeError, match="no key"):
+        clients.get()

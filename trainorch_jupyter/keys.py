@@ -13,12 +13,14 @@ module puts a key in a log line, an exception message or a repr.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 __all__ = ["KEYRING_SERVICE", "KEY_ENV", "KeyStatus", "delete_key", "get_key", "key_source", "key_status",
            "redact", "set_key"]
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 
 #: the keyring service under which keys are stored (user name = the provider's name)
 KEYRING_SERVICE = "trainorch-jupyter"
+T = TypeVar("T")
 #: provider -> the environment variable of its API key
 KEY_ENV: dict[str, str] = {"runpod": "RUNPOD_API_KEY", "lambda": "LAMBDA_API_KEY", "vast": "VAST_API_KEY"}
 
@@ -132,3 +135,39 @@ def delete_key(provider: str) -> bool:
     except Exception:  # keyring.errors.PasswordDeleteError: nothing stored
         return False
     return True
+
+
+#: A provider's key is read again (environment, keyring) at most this often.
+KEY_RECHECK_S = 60.0
+
+
+class KeyedClient(Generic[T]):
+    """One provider's API client, made from its key and made again when the key changes.
+
+    The key is read (:func:`get_key`) at most every ``recheck_s``; only its SHA-256 is kept here, the key itself
+    only in the client. A missing key raises what ``missing()`` returns (and drops the client)."""
+
+    def __init__(self, provider: str, make: Callable[[str], T], missing: Callable[[], Exception],
+                 recheck_s: float = KEY_RECHECK_S) -> None:
+        self.provider = provider
+        self._make = make
+        self._missing = missing
+        self.recheck_s = recheck_s
+        self._client: T | None = None
+        self._key_fp = ""
+        self._checked = -1e9
+
+    def get(self) -> T:
+        now = time.monotonic()
+        if self._client is not None and now - self._checked < self.recheck_s:
+            return self._client
+        key = get_key(self.provider)
+        self._checked = now
+        if not key:
+            self._client = None
+            raise self._missing()
+        fp = hashlib.sha256(key.encode()).hexdigest()
+        if self._client is None or fp != self._key_fp:
+            self._client = self._make(key)
+            self._key_fp = fp
+        return self._client

@@ -134,7 +134,6 @@ RUNNER_PORT_ENV = "TRAINORCH_RUNNER_PORT"
 #: The runner's ``--on-exit`` hook on a Lambda VM: halt the machine (see the module doc: it still bills).
 DEADMAN_HOOK = "sudo -n shutdown -h now"
 GPU_COUNTS = (1, 2, 4, 8)
-KEY_RECHECK_S = 60.0
 SSH_PORT = 22
 #: GPU names of Lambda's catalog outside the shared vocabulary (known before any catalog is fetched)
 _LAMBDA_GPUS = frozenset({"rtx6000", "quadrortx6000", "gh200", "a10", "a6000", "v100"})
@@ -275,9 +274,11 @@ class LambdaProvider(Provider):
         self._pacer = RateLimitPacer(min_interval_s=float(cfg.get("request_interval_s", REQUEST_INTERVAL_S)),
                                      max_wait_s=600.0)
         self._launch_pacer = LaunchPacer(float(cfg.get("launch_interval_s", LAUNCH_INTERVAL_S)))
-        self._api: LambdaAPI | None = None
-        self._key_fp = ""
-        self._key_checked = -1e9
+        # The API client, made from the key and made again when the key changes (keys.KeyedClient).
+        self._clients = keys.KeyedClient(
+            self.name, lambda key: LambdaAPI(key, base_url=self.base_url, http=self.http, pacer=self._pacer,
+                                   launch_pacer=self._launch_pacer, **self._api_options),
+            lambda: LambdaAuthError(self._missing_key_message()))
         self._catalog_cache: tuple[float, list[InstanceType]] | None = None
         self._listed: dict[str, Instance] = {}
         self._listed_at = -1e9
@@ -293,20 +294,8 @@ class LambdaProvider(Provider):
     # ---- the API client and the key
 
     def _client(self) -> LambdaAPI:
-        now = time.monotonic()
-        if self._api is not None and now - self._key_checked < KEY_RECHECK_S:
-            return self._api
-        key = keys.get_key(self.name)
-        self._key_checked = now
-        if not key:
-            self._api = None
-            raise LambdaAuthError(self._missing_key_message())
-        fp = hashlib.sha256(key.encode()).hexdigest()
-        if self._api is None or fp != self._key_fp:
-            self._api = LambdaAPI(key, base_url=self.base_url, http=self.http, pacer=self._pacer,
-                                  launch_pacer=self._launch_pacer, **self._api_options)
-            self._key_fp = fp
-        return self._api
+        """The API client, made again when the key changed (it is read at most every keys.KEY_RECHECK_S)."""
+        return self._clients.get()
 
     @staticmethod
     def _missing_key_message() -> str:

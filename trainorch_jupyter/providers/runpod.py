@@ -103,7 +103,6 @@ DEFAULT_PORT = 8765
 TAG_PREFIX = "trainorch-"
 MAX_GPUS = 8  # the largest RunPod machine has 8 GPUs (the catalog's maxCount says per type and cloud)
 CLOUDS = ("SECURE", "COMMUNITY")
-KEY_RECHECK_S = 60.0  # the key is read again (env, keyring) at most this often
 
 #: catalog id -> the short names people use (matched after :func:`normalise_gpu`); the catalog's own ``name``
 #: and id are matched too, so a GPU missing here is still found at launch.
@@ -210,9 +209,10 @@ class RunPodProvider(Provider):
             if key in cfg:
                 self._api_options[option] = cfg[key]
         self._pacer = RateLimitPacer()  # one per provider (per key): pacing survives a key change
-        self._api: RunPodAPI | None = None
-        self._key_fp = ""  # the key's SHA-256: which key the client holds (the key itself only in the client)
-        self._key_checked = -1e9
+        # The API client, made from the key and made again when the key changes (keys.KeyedClient).
+        self._clients = keys.KeyedClient(
+            self.name, lambda key: RunPodAPI(key, base_url=self.base_url, http=self.http, pacer=self._pacer, **self._api_options),
+            lambda: RunPodAuthError(self._missing_key_message()))
         self._catalogs: dict[tuple[str, int], tuple[float, list[GpuType]]] = {}
         self._known_gpus: dict[str, str] = {}  # normalised name -> catalog id, from every catalog fetched
 
@@ -222,20 +222,8 @@ class RunPodProvider(Provider):
     # ---- the API client and the key
 
     def _client(self) -> RunPodAPI:
-        """The API client, made again when the key changed (it is read at most every KEY_RECHECK_S)."""
-        now = time.monotonic()
-        if self._api is not None and now - self._key_checked < KEY_RECHECK_S:
-            return self._api
-        key = keys.get_key(self.name)
-        self._key_checked = now
-        if not key:
-            self._api = None
-            raise RunPodAuthError(self._missing_key_message())
-        fp = hashlib.sha256(key.encode()).hexdigest()
-        if self._api is None or fp != self._key_fp:
-            self._api = RunPodAPI(key, base_url=self.base_url, http=self.http, pacer=self._pacer, **self._api_options)
-            self._key_fp = fp
-        return self._api
+        """The API client, made again when the key changed (it is read at most every keys.KEY_RECHECK_S)."""
+        return self._clients.get()
 
     @staticmethod
     def _missing_key_message() -> str:

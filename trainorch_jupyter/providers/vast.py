@@ -122,7 +122,6 @@ DEFAULT_IMAGE_MIN_CUDA = 12.8
 #: above 65535: Vast gives identical internal and external numbers (``$VAST_TCP_PORT_70000`` says which)
 DEFAULT_PORT = 70000
 MAX_GPUS = 16
-KEY_RECHECK_S = 60.0
 RUNTYPE = "ssh"  # Vast's init runs ``onstart`` (our stage-0) and keeps the container up; the image's python3 runs it
 
 #: canonical GPU (:mod:`trainorch_jupyter.gpus`) -> Vast's own ``gpu_name`` values (with spaces, as Vast spells them)
@@ -201,9 +200,10 @@ class VastProvider(Provider):
             if key in cfg:
                 self._api_options[option] = cfg[key]
         self._pacer = VastPacer({k: float(v) for k, v in intervals.items()})  # one per provider: survives a key change
-        self._api: VastAPI | None = None
-        self._key_fp = ""
-        self._key_checked = -1e9
+        # The API client, made from the key and made again when the key changes (keys.KeyedClient).
+        self._clients = keys.KeyedClient(
+            self.name, lambda key: VastAPI(key, base_url=self.base_url, http=self.http, pacer=self._pacer, **self._api_options),
+            lambda: VastAuthError(self._missing_key_message()))
         # polls share one list call: ids watched (-> last asked), the last snapshot and the ids it covered
         self._watched: dict[int, float] = {}
         self._snapshot: dict[int, Instance] = {}
@@ -218,20 +218,8 @@ class VastProvider(Provider):
     # ---- the API client and the key
 
     def _client(self) -> VastAPI:
-        """The API client, made again when the key changed (it is read at most every KEY_RECHECK_S)."""
-        now = time.monotonic()
-        if self._api is not None and now - self._key_checked < KEY_RECHECK_S:
-            return self._api
-        key = keys.get_key(self.name)
-        self._key_checked = now
-        if not key:
-            self._api = None
-            raise VastAuthError(self._missing_key_message())
-        fp = hashlib.sha256(key.encode()).hexdigest()
-        if self._api is None or fp != self._key_fp:
-            self._api = VastAPI(key, base_url=self.base_url, http=self.http, pacer=self._pacer, **self._api_options)
-            self._key_fp = fp
-        return self._api
+        """The API client, made again when the key changed (it is read at most every keys.KEY_RECHECK_S)."""
+        return self._clients.get()
 
     @staticmethod
     def _missing_key_message() -> str:
