@@ -44,6 +44,7 @@ import httpx
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
 from ..model import CapacityError, ProviderError
+from ._api import ProviderAPIBase
 from .runpod_api import PacingTooLong, RateLimitPacer, retry_after_s
 
 __all__ = [
@@ -393,7 +394,7 @@ def check_base_url(url: str) -> str:
     return url[: -len(API)] if url.endswith(API) else url
 
 
-class LambdaAPI:
+class LambdaAPI(ProviderAPIBase):
     """Async client of Lambda's Cloud API v1. ``http``: a shared ``httpx.AsyncClient`` without auth headers (the
     key is added per request); one is made (and closed by :meth:`aclose`) if omitted.
 
@@ -423,8 +424,7 @@ class LambdaAPI:
             raise LambdaAuthError(f"no Lambda API key: set {API_KEY_ENV}")
         self._key = api_key.strip()
         self.base_url = check_base_url(base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL)
-        self._own_http = http is None
-        self.http = http if http is not None else httpx.AsyncClient()
+        self._use_http(http)
         self.timeout_s = timeout_s
         self.launch_timeout_s = launch_timeout_s
         self.max_attempts = max(1, max_attempts)
@@ -433,29 +433,14 @@ class LambdaAPI:
         self.pacer = pacer or RateLimitPacer(min_interval_s=request_interval_s, max_wait_s=600.0)
         self.launch_pacer = launch_pacer or LaunchPacer(launch_interval_s)
 
+    API_KEY_ENV = API_KEY_ENV
+    BASE_URL_ENV = BASE_URL_ENV
+    DEFAULT_BASE_URL = DEFAULT_BASE_URL
+
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs: Any) -> LambdaAPI:
-        """Key from ``LAMBDA_API_KEY``, base URL from ``TRAINORCH_LAMBDA_URL`` (else cloud.lambda.ai)."""
-        env = os.environ if environ is None else environ
-        key = env.get(API_KEY_ENV, "")
-        if not key.strip():
-            raise LambdaAuthError(f"no Lambda API key: set {API_KEY_ENV} to a key from the Lambda Cloud console "
-                                  "(API keys) before launching on Lambda")
-        kwargs.setdefault("base_url", env.get(BASE_URL_ENV) or DEFAULT_BASE_URL)
-        return cls(key, **kwargs)
-
-    def __repr__(self) -> str:
-        return f"LambdaAPI(base_url={self.base_url!r})"
-
-    async def aclose(self) -> None:
-        if self._own_http:
-            await self.http.aclose()
-
-    async def __aenter__(self) -> LambdaAPI:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
+    def _missing_key(cls) -> Exception:
+        return LambdaAuthError(f"no Lambda API key: set {API_KEY_ENV} to a key from the Lambda Cloud console "
+                               "(API keys) before launching on Lambda")
 
     # ---- instance types
 

@@ -40,6 +40,7 @@ import httpx
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
 from ..model import CapacityError, ProviderError
+from ._api import ProviderAPIBase
 
 __all__ = [
     "API_KEY_ENV",
@@ -514,7 +515,7 @@ def check_base_url(url: str) -> str:
     return url.rstrip("/")
 
 
-class RunPodAPI:
+class RunPodAPI(ProviderAPIBase):
     """Async client of RunPod's REST v2. ``http``: a shared ``httpx.AsyncClient`` without auth
     headers (the key is added per request); one is made (and closed by :meth:`aclose`) if omitted.
 
@@ -540,8 +541,7 @@ class RunPodAPI:
             raise RunPodAuthError(f"no RunPod API key: set {API_KEY_ENV}", status=None)
         self._key = api_key.strip()
         self.base_url = check_base_url(base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL)
-        self._own_http = http is None
-        self.http = http if http is not None else httpx.AsyncClient()
+        self._use_http(http)
         self.timeout_s = timeout_s
         self.create_timeout_s = create_timeout_s
         self.max_attempts = max(1, max_attempts)
@@ -549,30 +549,14 @@ class RunPodAPI:
         self.backoff_s = backoff_s
         self.pacer = pacer or RateLimitPacer()
 
+    API_KEY_ENV = API_KEY_ENV
+    BASE_URL_ENV = BASE_URL_ENV
+    DEFAULT_BASE_URL = DEFAULT_BASE_URL
+
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs: Any) -> RunPodAPI:
-        """Key from ``RUNPOD_API_KEY``, base URL from ``TRAINORCH_RUNPOD_URL`` (else api.runpod.io).
-        Raises :class:`RunPodAuthError` naming the variable when the key is missing."""
-        env = os.environ if environ is None else environ
-        key = env.get(API_KEY_ENV, "")
-        if not key.strip():
-            raise RunPodAuthError(f"no RunPod API key: set {API_KEY_ENV} to a key from the RunPod console "
-                                  "(Settings > API Keys) before launching on RunPod")
-        kwargs.setdefault("base_url", env.get(BASE_URL_ENV) or DEFAULT_BASE_URL)
-        return cls(key, **kwargs)
-
-    def __repr__(self) -> str:
-        return f"RunPodAPI(base_url={self.base_url!r})"
-
-    async def aclose(self) -> None:
-        if self._own_http:
-            await self.http.aclose()
-
-    async def __aenter__(self) -> RunPodAPI:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
+    def _missing_key(cls) -> Exception:
+        return RunPodAuthError(f"no RunPod API key: set {API_KEY_ENV} to a key from the RunPod console "
+                               "(Settings > API Keys) before launching on RunPod")
 
     # ---- pods
 

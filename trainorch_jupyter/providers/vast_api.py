@@ -44,6 +44,7 @@ import httpx
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
 from ..model import CapacityError, ProviderError
+from ._api import ProviderAPIBase
 
 __all__ = [
     "API_KEY_ENV",
@@ -593,7 +594,7 @@ def check_base_url(url: str) -> str:
     return url.rstrip("/")
 
 
-class VastAPI:
+class VastAPI(ProviderAPIBase):
     """Async client of Vast.ai's API. ``http``: a shared ``httpx.AsyncClient`` without auth headers (the key is
     added per request); one is made (and closed by :meth:`aclose`) if omitted.
 
@@ -619,8 +620,7 @@ class VastAPI:
             raise VastAuthError(f"no Vast.ai API key: set {API_KEY_ENV}")
         self._key = api_key.strip()
         self.base_url = check_base_url(base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL)
-        self._own_http = http is None
-        self.http = http if http is not None else httpx.AsyncClient()
+        self._use_http(http)
         self.timeout_s = timeout_s
         self.create_timeout_s = create_timeout_s
         self.max_attempts = max(1, max_attempts)
@@ -628,29 +628,14 @@ class VastAPI:
         self.backoff_s = backoff_s
         self.pacer = pacer or VastPacer()
 
+    API_KEY_ENV = API_KEY_ENV
+    BASE_URL_ENV = BASE_URL_ENV
+    DEFAULT_BASE_URL = DEFAULT_BASE_URL
+
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs: Any) -> VastAPI:
-        """Key from ``VAST_API_KEY``, base URL from ``TRAINORCH_VAST_URL`` (else console.vast.ai)."""
-        env = os.environ if environ is None else environ
-        key = env.get(API_KEY_ENV, "")
-        if not key.strip():
-            raise VastAuthError(f"no Vast.ai API key: set {API_KEY_ENV} to a key from https://cloud.vast.ai/manage-keys/ "
-                                "before launching on Vast.ai")
-        kwargs.setdefault("base_url", env.get(BASE_URL_ENV) or DEFAULT_BASE_URL)
-        return cls(key, **kwargs)
-
-    def __repr__(self) -> str:
-        return f"VastAPI(base_url={self.base_url!r})"
-
-    async def aclose(self) -> None:
-        if self._own_http:
-            await self.http.aclose()
-
-    async def __aenter__(self) -> VastAPI:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
+    def _missing_key(cls) -> Exception:
+        return VastAuthError(f"no Vast.ai API key: set {API_KEY_ENV} to a key from https://cloud.vast.ai/manage-keys/ "
+                             "before launching on Vast.ai")
 
     # ---- account
 
