@@ -136,7 +136,7 @@ def process_owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
 
 
-def _owner_alive(owner: str) -> bool:
+def owner_alive(owner: str) -> bool:
     """False only when the owner ran on this host and its process is gone."""
     try:
         host, pid_s, _ = owner.split(":", 2)
@@ -335,7 +335,7 @@ class Store:
                 raise JobNotFound(job_id)
             cur = row["owner"]
             gen = int(row["lease_gen"])
-            if cur and cur != owner and row["lease_until"] > now and _owner_alive(cur):
+            if cur and cur != owner and row["lease_until"] > now and owner_alive(cur):
                 return None
             if cur != owner:
                 gen += 1

@@ -295,14 +295,21 @@ class Orchestrator(DriveStage, ProvisionStage, ConnectStage, RunStage, CollectSt
         for job_id in self.store.live_job_ids():
             if job_id in self._tasks:
                 continue
-            fence = self.store.claim(job_id, self.owner, settings.LEASE_S)
-            if fence is not None:
-                self._fences[job_id] = fence
-                self._done_events.setdefault(job_id, threading.Event())
-                self._jobs[job_id] = self.store.get(job_id)
-                self._call(self._schedule(job_id, resume=True))
+            if self._take(job_id):
                 taken.append(job_id)
         return taken
+
+    def _take(self, job_id: str) -> bool:
+        """Claim ``job_id``'s lease and drive it from where its record stands; False when a live orchestrator
+        holds it. (Not from the loop thread: it waits for the drive to be scheduled.)"""
+        fence = self.store.claim(job_id, self.owner, settings.LEASE_S)
+        if fence is None:
+            return False
+        self._fences[job_id] = fence
+        self._done_events.setdefault(job_id, threading.Event())
+        self._jobs[job_id] = self.store.get(job_id)
+        self._call(self._schedule(job_id, resume=True))
+        return True
 
     async def _schedule(self, job_id: str, *, resume: bool) -> None:
         task = asyncio.create_task(self._drive(job_id, resume=resume), name=f"job-{job_id}")

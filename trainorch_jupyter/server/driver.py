@@ -136,14 +136,8 @@ class ServerOrchestrator(Orchestrator):
             with self._draft_lock:
                 if job_id in self._tasks:
                     continue
-                fence = self.store.claim(job_id, self.owner, settings.LEASE_S)
-                if fence is None:
-                    continue
-                self._fences[job_id] = fence
-                self._done_events.setdefault(job_id, threading.Event())
-                self._jobs[job_id] = self.store.get(job_id)
-                self._call(self._schedule(job_id, resume=True))
-                taken.append(job_id)
+                if self._take(job_id):
+                    taken.append(job_id)
         return taken
 
     def reattach(self) -> list[str]:

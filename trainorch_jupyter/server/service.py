@@ -30,8 +30,9 @@ from typing import Any
 
 from ..jobview import MetricSummary, artifacts_dir_of, job_summary, status_text
 from ..model import Job, JobNotFound, JobState
+from ..store import owner_alive
 from .driver import DRAFT_OWNER, ServerOrchestrator
-from .storeview import JobRow, StoreView, owner_alive
+from .storeview import JobRow, StoreView
 
 #: The most log bytes one ``log`` event carries (a longer backlog follows in the next ticks).
 LOG_CHUNK_BYTES = 256 * 1024

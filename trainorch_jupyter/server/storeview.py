@@ -9,14 +9,12 @@ the server calls them from worker threads (``asyncio.to_thread``), never on its 
 from __future__ import annotations
 
 import json
-import socket
 import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .._process import pid_alive
 from ..model import Job, JobState
 
 _LIVE = tuple(s.value for s in JobState if not s.is_terminal)
@@ -43,18 +41,6 @@ class JobRow:
     @property
     def live(self) -> bool:
         return self.state in _LIVE
-
-
-def owner_alive(owner: str) -> bool:
-    """The store's rule: False only when the owner ran on this host and its process is gone."""
-    try:
-        host, pid_s, _ = owner.split(":", 2)
-        pid = int(pid_s)
-    except ValueError:
-        return True
-    if host != socket.gethostname():
-        return True
-    return pid_alive(pid)
 
 
 class StoreView:
