@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 from jupyter_server._tz import utcnow
@@ -26,7 +27,7 @@ from tornado.iostream import StreamClosedError
 
 from ..artifacts import DestinationConflict
 from ..model import JobNotFound, JobState, SpecError, TrainorchError
-from .driver import Conflict
+from .driver import Conflict, ServerOrchestrator
 from .service import ServiceUnavailable, TrainingService, parse_time, redact_record
 
 #: The largest log slice one ``/logs`` answer carries.
@@ -117,6 +118,17 @@ class TrainingHandler(APIHandler):
             raise ApiError(400, f"{name}: must be an ISO 8601 time such as 2025-01-01T12:00:00Z, got {raw!r}",
                            name) from None
 
+    async def act_on(self, job_id: str, action: Callable[[ServerOrchestrator, str], object]) -> None:
+        """``action(server orchestrator, job_id)`` on a known job (off the loop), then answer 202 with the job's
+        summary as the store now has it."""
+        await self.entry_or_404(job_id)
+        service = self.service
+        assert service.orch is not None
+        await asyncio.to_thread(action, service.orch, job_id)
+        service.mark_dirty()
+        await service.refresh()
+        self.send_json(service.summary_by_id(job_id), 202)
+
     async def entry_or_404(self, job_id: str) -> Any:
         service = await self.ready_service()
         entry = service.entry(job_id)
@@ -191,16 +203,7 @@ class SubmitHandler(TrainingHandler):
     @web.authenticated
     @authorized
     async def post(self, job_id: str) -> None:
-        async def work() -> None:
-            await self.entry_or_404(job_id)
-            service = self.service
-            assert service.orch is not None
-            await asyncio.to_thread(service.orch.start, job_id)
-            service.mark_dirty()
-            await service.refresh()
-            self.send_json(service.summary_by_id(job_id), 202)
-
-        await self.run(work())
+        await self.run(self.act_on(job_id, ServerOrchestrator.start))
 
 
 class StatusHandler(TrainingHandler):
@@ -229,16 +232,7 @@ class CancelHandler(TrainingHandler):
     @web.authenticated
     @authorized
     async def post(self, job_id: str) -> None:
-        async def work() -> None:
-            await self.entry_or_404(job_id)
-            service = self.service
-            assert service.orch is not None
-            await asyncio.to_thread(service.orch.cancel_job, job_id)
-            service.mark_dirty()
-            await service.refresh()
-            self.send_json(service.summary_by_id(job_id), 202)
-
-        await self.run(work())
+        await self.run(self.act_on(job_id, ServerOrchestrator.cancel_job))
 
 
 class DownloadHandler(TrainingHandler):
