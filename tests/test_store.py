@@ -191,3 +191,13 @@ def test_workspace_id_is_made_once_and_shared(tmp_path: Path) -> None:
     assert Store(tmp_path / "other").workspace_id() != wid
     a.close()
     b.close()
+
+
+def test_cancel_requests_of_many_jobs_in_one_query(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    for name in ("a", "b", "c"):
+        store.create(Job(id=name, spec=JobSpec(name=name, command=("true",))))
+    assert store.cancel_requests([]) == set()
+    assert store.request_cancel("b")
+    assert store.cancel_requests(["a", "b", "c", "missing"]) == {"b"}
+    store.close()

@@ -27,7 +27,7 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -374,6 +374,15 @@ class Store:
     def cancel_requested(self, job_id: str) -> bool:
         rows = self._query("SELECT cancel_requested_at FROM jobs WHERE id = ?", (job_id,))
         return bool(rows) and rows[0]["cancel_requested_at"] is not None
+
+    def cancel_requests(self, job_ids: Iterable[str]) -> set[str]:
+        """Which of ``job_ids`` have a cancel request (one query for all of them)."""
+        ids = list(job_ids)
+        if not ids:
+            return set()
+        marks = ",".join("?" * len(ids))
+        rows = self._query(f"SELECT id FROM jobs WHERE cancel_requested_at IS NOT NULL AND id IN ({marks})", ids)
+        return {str(r["id"]) for r in rows}
 
     def owner(self, job_id: str) -> str | None:
         rows = self._query("SELECT owner FROM jobs WHERE id = ?", (job_id,))

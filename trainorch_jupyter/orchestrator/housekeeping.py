@@ -56,6 +56,6 @@ class Housekeeping(OrchestratorBase):
         driven = [j for j in self._tasks if j not in self._cancel_requested]
         if not driven:
             return
-        wanted = await asyncio.to_thread(lambda: [j for j in driven if self.store.cancel_requested(j)])
+        wanted = await asyncio.to_thread(self.store.cancel_requests, driven)
         for job_id in wanted:
             self._honour_cancel(job_id)
