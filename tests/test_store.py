@@ -201,3 +201,14 @@ def test_cancel_requests_of_many_jobs_in_one_query(tmp_path: Path) -> None:
     assert store.request_cancel("b")
     assert store.cancel_requests(["a", "b", "c", "missing"]) == {"b"}
     store.close()
+
+
+def test_metrics_since_a_row(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.create(Job(id="m", spec=JobSpec(name="m", command=("true",))))
+    store.append_metrics("m", [{"step": 1}, {"step": 2}], 10)
+    store.append_metrics("m", [{"step": 3}], 20)
+    assert [m["step"] for m in store.metrics("m")] == [1, 2, 3]
+    assert [m["step"] for m in store.metrics("m", since=2)] == [3]
+    assert store.metrics("m", since=3) == []
+    store.close()

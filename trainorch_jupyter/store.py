@@ -458,8 +458,9 @@ class Store:
                 seq += 1
             c.execute("UPDATE jobs SET metrics_offset = ? WHERE id = ?", (next_offset, job_id))
 
-    def metrics(self, job_id: str) -> list[dict[str, Any]]:
-        rows = self._query("SELECT data FROM metrics WHERE job_id = ? ORDER BY seq", (job_id,))
+    def metrics(self, job_id: str, *, since: int = 0) -> list[dict[str, Any]]:
+        """The job's metrics in order; ``since``: only from the ``since``-th on (rows are numbered from 0)."""
+        rows = self._query("SELECT data FROM metrics WHERE job_id = ? AND seq >= ? ORDER BY seq", (job_id, since))
         return [json.loads(r["data"]) for r in rows]
 
     # -- artifacts ----------------------------------------------------------------------------

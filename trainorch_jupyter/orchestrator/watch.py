@@ -10,6 +10,7 @@ once the job is driven here (its own events flow then) or has ended (after a las
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from pathlib import Path
@@ -84,10 +85,10 @@ class WatchStage(OrchestratorBase):
             data, offset = await asyncio.to_thread(_read_lines, path, offset)
             if data:
                 self._emit(job_id, "log", data.decode("utf-8", errors="replace"))
-            metrics = await asyncio.to_thread(self.store.metrics, job_id)
-            for m in metrics[seen:]:
+            metrics = await asyncio.to_thread(functools.partial(self.store.metrics, job_id, since=seen))
+            for m in metrics:
                 self._emit(job_id, "metric", m)
-            seen = len(metrics)
+            seen += len(metrics)
             record = job.to_dict()
             if record != last:
                 last = record
